@@ -1,0 +1,134 @@
+"""Command line: arguments → library calls → exit code.  No IMAP, no SQL here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from . import config as config_mod
+from .engine import RunOptions, exit_code, run_jobs
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError
+
+EPILOG = """exit codes: 0 everything done; 1 something failed (details above the summary);
+2 configuration error or refused for safety (nothing was touched)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mailmigrate", epilog=EPILOG,
+        description="Resumable, verified mailbox migration: IMAP-to-IMAP copy and POP3 "
+                    "archival pull.")
+    p.add_argument("--version", action="version", version=f"mailmigrate {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run jobs (all, or those named with --job)",
+                         epilog=EPILOG)
+    run.add_argument("-c", "--config", required=True, help="the TOML config file")
+    run.add_argument("--job", action="append", metavar="NAME",
+                     help="run only this job (repeatable)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="connect read-only and print what would be done; change nothing")
+    run.add_argument("--max-delete", type=int, metavar="N",
+                     help="refuse deletion (not the copy) when more than N messages would "
+                          "be deleted from a source in one run")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("-v", "--verbose", action="count", default=0)
+
+    check = sub.add_parser("check-config", help="validate the config file and exit")
+    check.add_argument("-c", "--config", required=True)
+
+    unbind = sub.add_parser(
+        "unbind", help="release a mailbox's protocol binding (after the job using the "
+                       "other protocol is finished for good)")
+    unbind.add_argument("mailbox", metavar="MAILBOX", help="the username, e.g. alice@old.example")
+    unbind.add_argument("-c", "--config", required=True)
+    unbind.add_argument("--host", help="the server, when the username is bound on several")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0))
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check-config":
+            cfg = config_mod.load(args.config)
+            print(f"{args.config}: OK, {len(cfg.jobs)} jobs: "
+                  + ", ".join(f"{j.name} ({j.kind})" for j in cfg.jobs))
+            return EXIT_OK
+        if args.command == "unbind":
+            return _unbind(args)
+    except MigrateError as exc:
+        print(f"mailmigrate: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mailmigrate: interrupted; progress so far is saved, re-run to continue",
+              file=sys.stderr)
+        return 130
+    return EXIT_FAILED
+
+
+def _run(args) -> int:
+    if args.max_delete is not None and args.max_delete < 0:
+        print("mailmigrate: error: --max-delete must be 0 or more", file=sys.stderr)
+        return EXIT_REFUSED
+    cfg = config_mod.load(args.config)
+    for name in args.job or ():
+        cfg.job(name)  # unknown names fail before anything runs
+    options = RunOptions(dry_run=args.dry_run, max_delete=args.max_delete,
+                         progress=False if args.no_progress else None)
+    results = run_jobs(cfg, args.job, options)
+    for r in results:
+        for line in r.plan:
+            print(f"{r.job}: would {line}" if not line.startswith("folder") else
+                  f"{r.job}: {line}")
+        for w in r.warnings:
+            print(f"mailmigrate: warning: {r.job}: {w}", file=sys.stderr)
+        for e in r.errors:
+            print(f"mailmigrate: error: {r.job}: {e}", file=sys.stderr)
+        print(r.summary_line())
+    return exit_code(results)
+
+
+def _unbind(args) -> int:
+    from .store import Store
+
+    cfg = config_mod.load(args.config)
+    store = Store(cfg.state_url)
+    try:
+        bindings = store.bindings(args.mailbox)
+        if args.host:
+            bindings = [b for b in bindings if b.host == args.host.lower()]
+        if not bindings:
+            print(f"mailmigrate: no protocol binding for {args.mailbox}"
+                  + (f" on {args.host}" if args.host else ""), file=sys.stderr)
+            return EXIT_FAILED
+        if len(bindings) > 1:
+            hosts = ", ".join(b.host for b in bindings)
+            print(f"mailmigrate: error: {args.mailbox} is bound on several hosts ({hosts}); "
+                  "choose one with --host", file=sys.stderr)
+            return EXIT_REFUSED
+        b = bindings[0]
+        store.unbind(b.username, b.host)
+        print(f"released {b.username} at {b.host} (was bound to {b.protocol.upper()} by job "
+              f"{b.bound_by_job!r} since {b.bound_at:%Y-%m-%d %H:%M} UTC)")
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("migrate")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Warnings and errors are printed once, by the CLI, after the run.
+    root.propagate = False
+    if verbose == 0:
+        root.setLevel(logging.CRITICAL)

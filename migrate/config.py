@@ -1,0 +1,460 @@
+"""TOML configuration → frozen dataclasses, validated before any connection.
+
+Every problem is reported (not just the first), each naming the job, the key, what was
+expected and what to do.  See config.example.toml for the documented layout.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .secrets import KINDS as PASSWORD_KINDS
+from .secrets import PasswordSource
+
+IMAP_COPY = "imap-copy"
+POP3_ARCHIVE = "pop3-archive"
+JOB_KINDS = (IMAP_COPY, POP3_ARCHIVE)
+SECURITY_MODES = ("ssl", "starttls", "none")
+
+# protocol -> {security: default port}
+DEFAULT_PORTS = {
+    "imap": {"ssl": 993, "starttls": 143, "none": 143},
+    "pop3": {"ssl": 995, "starttls": 110, "none": 110},
+}
+PLAINTEXT_PORTS = {143: "IMAP", 110: "POP3"}
+SMTP_PORTS = (25, 465, 587)
+
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
+# Deliberately loose: a user part, an @, a domain with a dot.  Typos like a missing
+# domain are what we want to catch, not RFC 5322 corner cases.
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One mail account on a server (source or destination)."""
+
+    protocol: str  # "imap" | "pop3"
+    host: str
+    port: int
+    security: str
+    username: str
+    password: PasswordSource
+    ca_file: Path | None = None
+    allow_insecure: bool = False
+    timeout: float = 60.0
+    max_connections: int = 4
+
+    @property
+    def mailbox_key(self) -> tuple[str, str]:
+        """Identity of the mailbox for protocol binding: host + username, case-folded."""
+        return (self.host.lower(), self.username.lower())
+
+    def label(self) -> str:
+        return f"{self.username} at {self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: Path
+    format: str = "maildir"
+
+
+@dataclass(frozen=True)
+class Folders:
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    kind: str
+    source: Endpoint
+    destination: Endpoint | None = None
+    archive: Archive | None = None
+    folders: Folders = field(default_factory=Folders)
+    delete_after_verify: bool = False
+    leave_on_server_days: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_url: str
+    jobs: tuple[Job, ...]
+
+    def job(self, name: str) -> Job:
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        names = ", ".join(j.name for j in self.jobs)
+        raise ConfigError(f"no job named {name!r} in {self.path}; jobs defined: {names}")
+
+
+# --- loading -----------------------------------------------------------------------
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; copy config.example.toml and edit it"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("is not UTF-8 text", source=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"is not valid TOML: {exc}", source=str(path)) from None
+    return parse(data, base_dir=path.resolve().parent, path=path)
+
+
+def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Config:
+    v = _Validator()
+    _check_keys(v, data, {"state", "jobs"}, "top level of the config")
+
+    state = data.get("state", {})
+    state_url = f"sqlite:///{base_dir / 'mailmigrate.db'}"
+    if not isinstance(state, dict):
+        v.error("[state] must be a table, e.g. [state] url = \"sqlite:///mailmigrate.db\"")
+    else:
+        _check_keys(v, state, {"url"}, "[state]")
+        if "url" in state:
+            url = state["url"]
+            if not isinstance(url, str) or not url.startswith(("sqlite:", "postgresql")):
+                v.error(
+                    f"[state] url = {url!r}: expected an SQLAlchemy URL starting with "
+                    "'sqlite:///' (a file) or 'postgresql+psycopg://' (shared by several hosts)"
+                )
+            else:
+                state_url = _resolve_sqlite_url(url, base_dir)
+
+    jobs_raw = data.get("jobs")
+    jobs: list[Job] = []
+    if jobs_raw is None:
+        v.error("no jobs defined; add at least one [[jobs]] table (see config.example.toml)")
+    elif not isinstance(jobs_raw, list) or not all(isinstance(j, dict) for j in jobs_raw):
+        v.error("'jobs' must be written as [[jobs]] tables")
+    else:
+        seen_names: dict[str, int] = {}
+        for index, job_raw in enumerate(jobs_raw, start=1):
+            job = _parse_job(v, job_raw, index, base_dir)
+            if job is None:
+                continue
+            if job.name in seen_names:
+                v.error(
+                    f"job {job.name!r} is defined twice (jobs #{seen_names[job.name]} and "
+                    f"#{index}); job names must be unique because they select jobs on the "
+                    "command line and key their state"
+                )
+            else:
+                seen_names[job.name] = index
+            jobs.append(job)
+        _check_protocol_conflicts(v, jobs)
+
+    v.raise_if_any(str(path) if path else None)
+    return Config(path=path or base_dir / "config.toml", state_url=state_url, jobs=tuple(jobs))
+
+
+def _resolve_sqlite_url(url: str, base_dir: Path) -> str:
+    """A relative SQLite path is relative to the config file, not the working directory:
+    cron runs from / and would otherwise start a fresh, empty state database."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        rest = url[len(prefix):]
+        if rest and not rest.startswith(":memory:"):
+            return prefix + str(base_dir / rest)
+    return url
+
+
+class _Validator:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def error(self, text: str) -> None:
+        self.problems.append(text)
+
+    def raise_if_any(self, source: str | None) -> None:
+        if self.problems:
+            raise ConfigError(self.problems, source=source)
+
+
+def _check_keys(v: _Validator, table: dict, allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            v.error(
+                f"{where}: unknown key {key!r}{suggestion} "
+                f"(allowed: {', '.join(sorted(allowed))})"
+            )
+
+
+def _typed(v, table, key, typ, where, default=None, required=False):
+    if key not in table:
+        if required:
+            v.error(f"{where}: missing required key {key!r}")
+        return default
+    value = table[key]
+    # bool is an int in Python; don't accept `port = true`.
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        expected = {str: "a string", int: "an integer", bool: "true or false",
+                    list: "a list", dict: "a table"}.get(typ, typ.__name__)
+        v.error(f"{where}: {key} = {value!r} has the wrong type; expected {expected}")
+        return default
+    return value
+
+
+def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | None:
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        v.error(f"job #{index}: missing 'name' (a unique name such as \"alice\")")
+        return None
+    where = f"job {name!r}"
+    if not JOB_NAME_RE.match(name):
+        v.error(
+            f"{where}: name may contain only letters, digits and . _ @ + - "
+            "(it is used on the command line)"
+        )
+    _check_keys(
+        v, raw,
+        {"name", "kind", "delete_after_verify", "leave_on_server_days",
+         "source", "destination", "archive", "folders"},
+        f"{where}, [[jobs]]",
+    )
+    kind = raw.get("kind")
+    if kind not in JOB_KINDS:
+        v.error(f"{where}: kind = {kind!r}; expected \"imap-copy\" or \"pop3-archive\"")
+        return None
+    delete_after_verify = _typed(v, raw, "delete_after_verify", bool, where, default=False)
+    leave_days = _typed(v, raw, "leave_on_server_days", int, where)
+    if leave_days is not None:
+        if kind != POP3_ARCHIVE:
+            v.error(
+                f"{where}: leave_on_server_days applies to pop3-archive jobs only; for "
+                "imap-copy use delete_after_verify"
+            )
+        elif leave_days < 0:
+            v.error(f"{where}: leave_on_server_days = {leave_days}; expected 0 or more days")
+        if delete_after_verify:
+            v.error(
+                f"{where}: delete_after_verify = true and leave_on_server_days are both set; "
+                "choose one: delete right after the archive copy is verified, or keep mail "
+                f"on the server for {leave_days} days"
+            )
+
+    source_proto = "imap" if kind == IMAP_COPY else "pop3"
+    source = _parse_endpoint(v, raw.get("source"), f"{where}, [jobs.source]", source_proto,
+                             base_dir)
+    destination = archive = None
+    folders = Folders()
+    if kind == IMAP_COPY:
+        if "archive" in raw:
+            v.error(f"{where}: [jobs.archive] is for pop3-archive jobs; an imap-copy job "
+                    "writes to [jobs.destination]")
+        destination = _parse_endpoint(v, raw.get("destination"),
+                                      f"{where}, [jobs.destination]", "imap", base_dir)
+        folders = _parse_folders(v, raw.get("folders", {}), f"{where}, [jobs.folders]")
+    else:
+        for key in ("destination", "folders"):
+            if key in raw:
+                v.error(f"{where}: [jobs.{key}] is for imap-copy jobs; a pop3-archive job "
+                        "writes to [jobs.archive] and POP3 has no folders")
+        archive = _parse_archive(v, raw.get("archive"), f"{where}, [jobs.archive]", base_dir)
+    if source is None:
+        return None
+    return Job(
+        name=name, kind=kind, source=source, destination=destination, archive=archive,
+        folders=folders, delete_after_verify=bool(delete_after_verify),
+        leave_on_server_days=leave_days,
+    )
+
+
+ENDPOINT_KEYS = {
+    "host", "port", "security", "username", *PASSWORD_KINDS, "ca_file",
+    "allow_insecure", "allow_short_username", "timeout", "max_connections",
+}
+
+
+def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
+    if raw is None:
+        section = where.rsplit("[", 1)[-1].rstrip("]")
+        v.error(f"{where}: missing; add a [{section}] table with host, username and a "
+                "password source")
+        return None
+    if not isinstance(raw, dict):
+        v.error(f"{where}: must be a table")
+        return None
+    _check_keys(v, raw, ENDPOINT_KEYS, where)
+    host = _typed(v, raw, "host", str, where, required=True)
+    username = _typed(v, raw, "username", str, where, required=True)
+    security = _typed(v, raw, "security", str, where, default="ssl")
+    allow_insecure = _typed(v, raw, "allow_insecure", bool, where, default=False)
+    allow_short = _typed(v, raw, "allow_short_username", bool, where, default=False)
+    timeout = raw.get("timeout", 60)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        v.error(f"{where}: timeout = {timeout!r}; expected a positive number of seconds")
+        timeout = 60
+    max_conn = _typed(v, raw, "max_connections", int, where, default=4)
+    if max_conn < 1 or max_conn > 64:
+        v.error(f"{where}: max_connections = {max_conn}; expected 1 to 64 (servers limit "
+                "connections per user, Dovecot to 10 by default)")
+        max_conn = 4
+
+    if security not in SECURITY_MODES:
+        v.error(f"{where}: security = {security!r}; expected \"ssl\" (implicit TLS, the "
+                "default), \"starttls\" or \"none\"")
+        security = "ssl"
+    proto_name = protocol.upper()
+    default_port = DEFAULT_PORTS[protocol][security]
+    port = _typed(v, raw, "port", int, where, default=default_port)
+    if not 1 <= port <= 65535:
+        v.error(f"{where}: port = {port}; expected 1 to 65535")
+    elif port in SMTP_PORTS:
+        v.error(
+            f"{where}: port = {port} is an SMTP port (sending mail), not {proto_name}; "
+            f"{proto_name} uses {DEFAULT_PORTS[protocol]['ssl']} (SSL/TLS) or "
+            f"{DEFAULT_PORTS[protocol]['starttls']} (STARTTLS)"
+        )
+    elif port in PLAINTEXT_PORTS and security == "ssl":
+        tls_port = DEFAULT_PORTS[protocol]["ssl"]
+        v.error(
+            f"{where}: port = {port} is the plaintext/STARTTLS port but security = \"ssl\" "
+            f"(implicit TLS); use port = {tls_port}, or security = \"starttls\" to upgrade "
+            f"the connection on port {port}"
+        )
+    if security == "none" and not allow_insecure:
+        v.error(
+            f"{where}: security = \"none\" sends the password and all mail unencrypted; use "
+            f"\"ssl\" (port {DEFAULT_PORTS[protocol]['ssl']}) or \"starttls\" (port "
+            f"{DEFAULT_PORTS[protocol]['starttls']}); set allow_insecure = true only for a "
+            "trusted private network"
+        )
+
+    if isinstance(username, str) and not EMAIL_RE.match(username) and not allow_short:
+        v.error(
+            f"{where}: username = {username!r} is not a full email address; mail servers "
+            "almost always expect the full address (e.g. \"jane@example.com\"); set "
+            "allow_short_username = true if this server really uses short names"
+        )
+
+    given = [k for k in PASSWORD_KINDS if k in raw]
+    password = None
+    if not given:
+        v.error(f"{where}: no password source; set one of password_env, password_file, "
+                "password_command or password")
+    elif len(given) > 1:
+        v.error(f"{where}: {' and '.join(given)} are all set; keep exactly one password source")
+    else:
+        kind = given[0]
+        value = raw[kind]
+        if kind == "password_command":
+            if (not isinstance(value, list) or not value
+                    or not all(isinstance(x, str) and x for x in value)):
+                v.error(f"{where}: password_command must be a non-empty list of strings, "
+                        "e.g. [\"pass\", \"show\", \"mail/alice\"]")
+            else:
+                password = PasswordSource(kind, tuple(value), where)
+        elif not isinstance(value, str) or not value:
+            # Never echo the value: it may be the password.
+            v.error(f"{where}: {kind} must be a non-empty string")
+        else:
+            if kind == "password_file":
+                value = str(_resolve_path(value, base_dir))
+            password = PasswordSource(kind, value, where)
+
+    ca_file = None
+    if "ca_file" in raw:
+        ca_value = _typed(v, raw, "ca_file", str, where)
+        if ca_value:
+            ca_file = _resolve_path(ca_value, base_dir)
+            if not ca_file.is_file():
+                v.error(f"{where}: ca_file = {ca_value!r} does not exist (resolved to "
+                        f"{ca_file}); give the PEM file of the CA that signed the server's "
+                        "certificate, or remove ca_file to use the system's CAs")
+
+    if host is None or username is None or password is None:
+        return None
+    if not host or any(c.isspace() for c in host) or "://" in host:
+        v.error(f"{where}: host = {host!r}; expected a bare host name such as "
+                "\"mail.example.com\" (no scheme, no spaces)")
+    return Endpoint(
+        protocol=protocol, host=host, port=port, security=security, username=username,
+        password=password, ca_file=ca_file, allow_insecure=bool(allow_insecure),
+        timeout=float(timeout), max_connections=max_conn,
+    )
+
+
+def _resolve_path(value: str, base_dir: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def _parse_archive(v, raw, where, base_dir) -> Archive | None:
+    if raw is None:
+        v.error(f"{where}: missing; a pop3-archive job needs [jobs.archive] with path = "
+                "\"...\" (the local Maildir)")
+        return None
+    if not isinstance(raw, dict):
+        v.error(f"{where}: must be a table")
+        return None
+    _check_keys(v, raw, {"path", "format"}, where)
+    path = _typed(v, raw, "path", str, where, required=True)
+    fmt = _typed(v, raw, "format", str, where, default="maildir")
+    if fmt != "maildir":
+        v.error(f"{where}: format = {fmt!r}; only \"maildir\" is supported")
+    if not path:
+        return None
+    return Archive(path=_resolve_path(path, base_dir), format="maildir")
+
+
+def _parse_folders(v, raw, where) -> Folders:
+    if not isinstance(raw, dict):
+        v.error(f"{where}: must be a table")
+        return Folders()
+    _check_keys(v, raw, {"include", "exclude", "map"}, where)
+    out = {}
+    for key, default in (("include", ["*"]), ("exclude", [])):
+        value = raw.get(key, default)
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            v.error(f"{where}: {key} must be a list of folder name patterns, e.g. "
+                    "[\"*\"] or [\"INBOX.Archive*\"]")
+            value = default
+        out[key] = tuple(value)
+    mapping = raw.get("map", {})
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(x, str) and x for k, x in mapping.items()
+    ):
+        v.error(f"{where}: map must be a table of source folder = destination folder, "
+                "e.g. { \"INBOX.Sent Messages\" = \"Sent\" }")
+        mapping = {}
+    return Folders(include=out["include"], exclude=out["exclude"], map=dict(mapping))
+
+
+def _check_protocol_conflicts(v: _Validator, jobs: list[Job]) -> None:
+    """One protocol per mailbox: a POP3 job on a mailbox an IMAP job also reads would
+    delete mail the IMAP side still expects (mail "vanishes")."""
+    by_mailbox: dict[tuple[str, str], Job] = {}
+    for job in jobs:
+        key = job.source.mailbox_key
+        first = by_mailbox.setdefault(key, job)
+        if first.source.protocol != job.source.protocol:
+            v.error(
+                f"jobs {first.name!r} ({first.source.protocol.upper()}) and {job.name!r} "
+                f"({job.source.protocol.upper()}) both read mailbox {job.source.username} on "
+                f"{job.source.host}; use one protocol per mailbox: a POP3 client deletes mail "
+                "from the server that IMAP clients still expect, so it seems to vanish"
+            )

@@ -1,0 +1,393 @@
+"""IMAP endpoint on top of imapclient: one ``ImapSession`` per connection.
+
+imapclient does the protocol (TLS, modified UTF-7 folder names, literals); this module
+adds what it lacks: APPENDUID parsing (RFC 4315), checking MULTIAPPEND's answer, and
+mapping its exceptions onto our error scopes (AbortError/socket errors = connection lost,
+Error = one command refused).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import re
+import socket
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+from imapclient.response_parser import parse_fetch_response
+
+from ..config import Endpoint
+from ..errors import ConnectionLost, FolderError, MailboxError, MessageError
+from .tls import describe_tls_failure, ssl_context
+
+SPECIAL_USE = ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive")
+# Flags a client cannot or should not set on APPEND / STORE.
+UNCOPYABLE_FLAGS = frozenset({"\\recent", "\\deleted"})
+
+_APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
+_MSGID_RE = re.compile(rb"<[^<>\s]+>")
+
+
+def parse_uid_set(text: str | bytes) -> list[int]:
+    """'5:7,9' → [5, 6, 7, 9] (RFC 4315 uid-set, order preserved as the server sent it)."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    out: list[int] = []
+    for part in text.split(","):
+        if ":" in part:
+            a, b = (int(x) for x in part.split(":"))
+            step = 1 if b >= a else -1
+            out.extend(range(a, b + step, step))
+        else:
+            out.append(int(part))
+    return out
+
+
+def parse_appenduid(response: bytes | str | Sequence) -> tuple[int, list[int]] | None:
+    """Find ``[APPENDUID <uidvalidity> <uid-set>]`` in an APPEND response."""
+    if isinstance(response, (list, tuple)):
+        response = b" ".join(r if isinstance(r, bytes) else str(r).encode()
+                             for r in response if r is not None)
+    elif isinstance(response, str):
+        response = response.encode()
+    m = _APPENDUID_RE.search(response)
+    if not m:
+        return None
+    return int(m.group(1)), parse_uid_set(m.group(2))
+
+
+def parse_message_id(header_block: bytes | None) -> str | None:
+    """The Message-ID from a 'Message-ID: <x@y>' header block, or None when absent."""
+    if not header_block:
+        return None
+    # Unfold continuation lines before looking for the id.
+    text = re.sub(rb"\r?\n[ \t]+", b" ", header_block)
+    for line in text.splitlines():
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"message-id":
+            m = _MSGID_RE.search(value)
+            if m:
+                return m.group(0).decode("utf-8", "replace")
+            value = value.strip()
+            return value.decode("utf-8", "replace") or None
+    return None
+
+
+def copyable_flags(flags: Iterable) -> frozenset[str]:
+    out = set()
+    for f in flags:
+        s = f.decode("utf-8", "replace") if isinstance(f, bytes) else str(f)
+        if s.lower() not in UNCOPYABLE_FLAGS:
+            out.add(s)
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    name: str
+    delimiter: str | None
+    flags: frozenset[str]
+
+    @property
+    def selectable(self) -> bool:
+        lowered = {f.lower() for f in self.flags}
+        return not ({"\\noselect", "\\nonexistent"} & lowered)
+
+    @property
+    def special_use(self) -> str | None:
+        lowered = {f.lower(): f for f in self.flags}
+        for flag in SPECIAL_USE:
+            if flag.lower() in lowered:
+                return flag
+        return None
+
+
+@dataclass
+class SelectInfo:
+    uidvalidity: int
+    exists: int
+    uidnext: int | None
+
+
+@dataclass(frozen=True)
+class MessageMeta:
+    uid: int
+    size: int
+    flags: frozenset[str]
+    internaldate: dt.datetime | None
+    message_id: str | None
+
+
+@dataclass(frozen=True)
+class AppendItem:
+    body: bytes
+    flags: frozenset[str]
+    internaldate: dt.datetime | None
+
+
+def _guard(method):
+    """Map imapclient/socket failures inside a command onto ConnectionLost."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (IMAPClientAbortError, OSError, EOFError) as exc:
+            raise ConnectionLost(
+                f"connection to {self.endpoint.host}:{self.endpoint.port} lost: "
+                f"{exc.__class__.__name__}: {exc}") from None
+    return wrapper
+
+
+class AppendRejected(MessageError):
+    """The server refused this message (too large, quota, malformed)."""
+
+
+class ImapSession:
+    """One authenticated IMAP connection."""
+
+    def __init__(self, endpoint: Endpoint, client: IMAPClient):
+        self.endpoint = endpoint
+        self.client = client
+        self.capabilities = {c.decode().upper() if isinstance(c, bytes) else c.upper()
+                             for c in client.capabilities()}
+        self.delimiter, self.prefix = self._personal_namespace()
+        self.selected: str | None = None
+
+    # --- connection --------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, endpoint: Endpoint) -> ImapSession:
+        where = f"{endpoint.host}:{endpoint.port}"
+        ctx = ssl_context(endpoint)
+        try:
+            client = IMAPClient(endpoint.host, port=endpoint.port,
+                                ssl=endpoint.security == "ssl", ssl_context=ctx,
+                                timeout=endpoint.timeout)
+            client.normalise_times = False  # keep INTERNALDATE timezone-aware
+            if endpoint.security == "starttls":
+                if not client.has_capability("STARTTLS"):
+                    raise MailboxError(
+                        f"IMAP server {where} does not offer STARTTLS; use security = \"ssl\" "
+                        "on port 993")
+                client.starttls(ctx)
+        except ssl.SSLError as exc:
+            raise describe_tls_failure(endpoint, exc) from None
+        except (ConnectionRefusedError, socket.timeout, TimeoutError) as exc:
+            raise ConnectionLost(
+                f"cannot connect to IMAP server {where}: {exc.__class__.__name__}; check host, "
+                "port and firewall") from None
+        except socket.gaierror as exc:
+            raise MailboxError(f"cannot resolve IMAP host {endpoint.host!r}: {exc.strerror}") \
+                from None
+        except (OSError, IMAPClientAbortError) as exc:
+            raise ConnectionLost(f"connection to IMAP server {where} failed: {exc}") from None
+        try:
+            client.login(endpoint.username, endpoint.password.reveal())
+        except LoginError as exc:
+            _close_quietly(client)
+            raise MailboxError(
+                f"IMAP login as {endpoint.username} at {where} failed: {_server_text(exc)}; "
+                "check the username (usually the full email address) and the password") \
+                from None
+        except (OSError, IMAPClientAbortError) as exc:
+            _close_quietly(client)
+            raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \
+                from None
+        except BaseException:
+            _close_quietly(client)
+            raise
+        return cls(endpoint, client)
+
+    def logout(self) -> None:
+        try:
+            self.client.logout()
+        except Exception:  # noqa: BLE001 - the connection may already be gone
+            _close_quietly(self.client)
+
+    def has(self, capability: str) -> bool:
+        return capability.upper() in self.capabilities
+
+    def _personal_namespace(self) -> tuple[str, str]:
+        try:
+            if self.has("NAMESPACE"):
+                ns = self.client.namespace()
+                if ns.personal:
+                    prefix, delim = ns.personal[0]
+                    return (delim or "/"), (prefix or "")
+            for _flags, delim, _name in self.client.list_folders("", ""):
+                return (delim.decode() if isinstance(delim, bytes) else delim) or "/", ""
+        except IMAPClientError:
+            pass
+        return "/", ""
+
+    # --- folders -----------------------------------------------------------------
+
+    @_guard
+    def list_folders(self) -> list[FolderInfo]:
+        out = []
+        for flags, delim, name in self.client.list_folders():
+            d = delim.decode() if isinstance(delim, bytes) else delim
+            fl = frozenset(f.decode() if isinstance(f, bytes) else str(f) for f in flags)
+            out.append(FolderInfo(name, d, fl))
+        return out
+
+    @_guard
+    def create_folder(self, name: str) -> None:
+        try:
+            self.client.create_folder(name)
+        except IMAPClientError as exc:
+            if "ALREADYEXISTS" not in str(exc).upper() and not self.client.folder_exists(name):
+                raise FolderError(f"cannot create folder {name!r}: {_server_text(exc)}") \
+                    from None
+        try:
+            self.client.subscribe_folder(name)
+        except IMAPClientError:
+            pass  # subscription is a convenience; the folder exists
+
+    @_guard
+    def select(self, name: str, readonly: bool) -> SelectInfo:
+        try:
+            info = self.client.select_folder(name, readonly=readonly)
+        except IMAPClientError as exc:
+            if isinstance(exc, IMAPClientAbortError):
+                raise
+            raise FolderError(f"cannot open folder {name!r}: {_server_text(exc)}") from None
+        self.selected = name
+        return SelectInfo(
+            uidvalidity=int(info[b"UIDVALIDITY"]), exists=int(info.get(b"EXISTS", 0)),
+            uidnext=int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None)
+
+    # --- messages ----------------------------------------------------------------
+
+    @_guard
+    def list_messages(self, exists: int) -> list[MessageMeta]:
+        """Metadata of every message in the selected folder (no bodies)."""
+        if not exists:
+            return []
+        hdr = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
+        data = self._fetch_range(
+            "1:*", "(UID RFC822.SIZE FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        out = []
+        for uid, item in data.items():
+            out.append(MessageMeta(
+                uid=int(uid), size=int(item[b"RFC822.SIZE"]),
+                flags=copyable_flags(item.get(b"FLAGS", ())),
+                internaldate=item.get(b"INTERNALDATE"),
+                message_id=parse_message_id(item.get(hdr))))
+        out.sort(key=lambda m: m.uid)
+        return out
+
+    def _fetch_range(self, uid_set: str, items: str) -> dict:
+        """UID FETCH over a uid-set string such as '1:*'.  imapclient's fetch() filters
+        its result by the ids it was given, which drops everything for ranges."""
+        imap = self.client._imap
+        tag = imap._command("UID", "FETCH", uid_set, items)
+        typ, data = imap._command_complete("FETCH", tag)
+        self.client._checkok("fetch", typ, data)
+        typ, data = imap._untagged_response(typ, data, "FETCH")
+        return parse_fetch_response(data, self.client.normalise_times, True)
+
+    @_guard
+    def fetch_bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """Full raw bodies, without setting \\Seen (BODY.PEEK[])."""
+        if not uids:
+            return {}
+        data = self.client.fetch(list(uids), ["BODY.PEEK[]"])
+        return {int(uid): item[b"BODY[]"] for uid, item in data.items() if b"BODY[]" in item}
+
+    @_guard
+    def append(self, folder: str, items: Sequence[AppendItem]) -> list[int | None | Exception]:
+        """Append ``items``; per item the new UID (None if the server did not say), or the
+        AppendRejected exception for a message the server refused.
+
+        One MULTIAPPEND for the batch where offered; it is all-or-nothing, so on a NO the
+        batch is retried one message at a time to find and isolate the culprit.
+        """
+        if not items:
+            return []
+        if len(items) > 1 and self.has("MULTIAPPEND"):
+            msgs = []
+            for it in items:
+                m = {"msg": it.body, "flags": sorted(it.flags)}
+                if it.internaldate is not None:
+                    m["date"] = it.internaldate
+                msgs.append(m)
+            typ, data = self.client.multiappend(folder, msgs)
+            if typ == "OK":
+                return self._uids_from(data, len(items))
+            # NO/BAD: nothing was appended (RFC 3502); find the culprit one by one.
+        return [self._append_one(folder, it) for it in items]
+
+    def _append_one(self, folder: str, item: AppendItem) -> int | None | Exception:
+        try:
+            resp = self.client.append(folder, item.body, flags=sorted(item.flags),
+                                      msg_time=item.internaldate)
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            return AppendRejected(f"destination refused the message: {_server_text(exc)}")
+        uids = self._uids_from(resp, 1)
+        return uids[0]
+
+    def _uids_from(self, response, count: int) -> list[int | None]:
+        parsed = parse_appenduid(response)
+        if parsed is None or len(parsed[1]) != count:
+            return [None] * count
+        return list(parsed[1])
+
+    @_guard
+    def find_by_content(self, min_uid: int, sha_by_size: dict[int, set[str]]) -> dict[str, int]:
+        """Fallback without APPENDUID: among UIDs >= min_uid find bodies by size + sha256."""
+        found: dict[str, int] = {}
+        sizes = self._fetch_range(f"{min_uid}:*", "(RFC822.SIZE)")
+        wanted = [u for u, it in sizes.items() if int(u) >= min_uid
+                  and int(it[b"RFC822.SIZE"]) in sha_by_size]
+        for uid, body in self.fetch_bodies(wanted).items():
+            digest = hashlib.sha256(body).hexdigest()
+            if digest in sha_by_size.get(len(body), ()) and digest not in found:
+                found[digest] = uid
+        return found
+
+    @_guard
+    def store_flags(self, uids: Sequence[int], add: Iterable[str], remove: Iterable[str]
+                    ) -> None:
+        add, remove = sorted(add), sorted(remove)
+        if add:
+            self.client.add_flags(list(uids), add, silent=True)
+        if remove:
+            self.client.remove_flags(list(uids), remove, silent=True)
+
+    @_guard
+    def delete(self, uids: Sequence[int]) -> None:
+        """Flag \\Deleted and UID EXPUNGE exactly these UIDs; never a bare EXPUNGE."""
+        if not self.has("UIDPLUS"):
+            raise MailboxError(
+                f"IMAP server {self.endpoint.host} lacks UIDPLUS (UID EXPUNGE); deleting "
+                "would need a bare EXPUNGE, which also removes messages other clients "
+                "flagged \\Deleted. Refused: nothing was deleted")
+        self.client.add_flags(list(uids), ["\\Deleted"], silent=True)
+        self.client.uid_expunge(list(uids))
+
+    @_guard
+    def uids(self) -> set[int]:
+        return {int(u) for u in self.client.search("ALL")}
+
+
+def _server_text(exc: BaseException) -> str:
+    text = str(exc)
+    if text.startswith("b'") or text.startswith('b"'):
+        text = text[2:-1]
+    return text
+
+
+def _close_quietly(client: IMAPClient) -> None:
+    try:
+        client.shutdown()
+    except Exception:  # noqa: BLE001
+        pass

@@ -1,0 +1,39 @@
+"""TLS settings shared by every protocol: verify the certificate and the host name."""
+
+from __future__ import annotations
+
+import ssl
+
+from ..config import Endpoint
+from ..errors import MailboxError
+
+
+def ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(
+        cafile=str(endpoint.ca_file) if endpoint.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # create_default_context already sets CERT_REQUIRED + check_hostname; state it so a
+    # later edit cannot silently drop it.
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def describe_tls_failure(endpoint: Endpoint, exc: BaseException) -> MailboxError:
+    """Turn an SSL error into advice an admin can act on."""
+    text = str(exc)
+    where = f"{endpoint.host}:{endpoint.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if "match" in text or "mismatch" in text:
+            return MailboxError(
+                f"TLS certificate of {where} does not cover the host name {endpoint.host!r}: "
+                f"{exc.verify_message}; connect using the exact host name the certificate "
+                "was issued for (often mail.<domain>)")
+        return MailboxError(
+            f"TLS certificate of {where} is not trusted ({exc.verify_message}); if the "
+            "server uses a private CA, set ca_file to that CA's PEM file")
+    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text or "wrong version" in text:
+        return MailboxError(
+            f"{where} did not answer with TLS ({text}); this looks like a plaintext port: "
+            "use the SSL/TLS port (IMAP 993, POP3 995), or security = \"starttls\"")
+    return MailboxError(f"TLS handshake with {where} failed: {text}")

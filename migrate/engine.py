@@ -1,0 +1,186 @@
+"""The job engine: runs jobs, records runs, enforces protocol binding, summarises.
+
+The protocol-specific work lives in ``imap_copy`` and ``pop3_archive``; both move
+messages through the state machine in ``states`` via the ``Store``.  Nothing here is
+process-global, so several jobs (or hosts) can run this code side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tqdm import tqdm
+
+from .config import IMAP_COPY, Config, Job
+from .errors import EXIT_FAILED, EXIT_OK, MigrateError, SafetyError
+from .store import Store
+
+log = logging.getLogger("migrate")
+
+
+@dataclass
+class RunOptions:
+    dry_run: bool = False
+    max_delete: int | None = None
+    progress: bool | None = None  # None: only when stderr is a TTY
+    retries: int = 4  # connection attempts per unit of work
+    retry_wait: float = 1.0  # first back-off in seconds, doubling, capped at 30 s
+    batch_bytes: int = 8 * 1024 * 1024  # size bound of one FETCH/APPEND batch
+    batch_messages: int = 200
+    use_uidplus: bool = True  # tests switch this off to exercise the search fallback
+
+
+@dataclass
+class JobResult:
+    job: str
+    kind: str
+    dry_run: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    plan: list[str] = field(default_factory=list)  # dry run: what would happen
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.counts.get("failed", 0)
+
+    def summary_line(self) -> str:
+        c = self.counts
+        mb = c.get("bytes", 0) / 1e6
+        secs = max(self.elapsed, 1e-6)
+        rate = c.get("copied", 0) / secs
+        prefix = f"{self.job} (dry run)" if self.dry_run else self.job
+        unit = "archived" if self.kind != IMAP_COPY else "copied"
+        parts = []
+        if self.kind == IMAP_COPY:
+            parts.append(f"{c.get('folders', 0)} folders")
+        parts += [f"{c.get('copied', 0)} {unit}",
+                  f"{c.get('skipped', 0)} skipped as duplicates"]
+        if self.kind == IMAP_COPY:
+            parts.append(f"{c.get('flags_updated', 0)} flags updated")
+        parts += [f"{c.get('deleted', 0)} deleted", f"{c.get('failed', 0)} failed"]
+        if c.get("vanished"):
+            parts.append(f"{c['vanished']} vanished")
+        return (f"{prefix}: " + ", ".join(parts)
+                + f", {mb:.1f} MB in {self.elapsed:.1f} s ({rate:.0f} msgs/s, "
+                f"{mb / secs:.1f} MB/s)")
+
+
+class Counters:
+    """Thread-safe counters shared by a job's workers."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.values: dict[str, int] = {}
+
+    def add(self, name: str, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self.values[name] = self.values.get(name, 0) + n
+
+
+class Progress:
+    """A tqdm bar on a TTY; nothing otherwise.  Totals grow as folders are listed."""
+
+    def __init__(self, label: str, enabled: bool | None):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self._lock = threading.Lock()
+        self.bar = tqdm(total=0, unit="msg", desc=label, disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def grow(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self.bar.total += n
+                self.bar.refresh()
+
+    def advance(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def retrying(options: RunOptions) -> Retrying:
+    """Bounded reconnect-and-retry for transient (connection) errors only."""
+    return Retrying(
+        stop=stop_after_attempt(max(1, options.retries)),
+        wait=wait_exponential(multiplier=options.retry_wait, max=30),
+        retry=retry_if_exception(lambda e: getattr(e, "transient", False)),
+        before_sleep=lambda rs: log.warning(
+            "connection problem (%s); retrying (attempt %d of %d)",
+            rs.outcome.exception(), rs.attempt_number + 1, options.retries),
+        reraise=True,
+    )
+
+
+def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
+             store: Store | None = None) -> list[JobResult]:
+    jobs = [config.job(n) for n in names] if names else list(config.jobs)
+    own_store = store is None
+    store = store or Store(config.state_url)
+    try:
+        return [run_job(job, store, options) for job in jobs]
+    finally:
+        if own_store:
+            store.close()
+
+
+def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
+    from .imap_copy import ImapCopy
+    from .pop3_archive import Pop3Archive
+
+    result = JobResult(job.name, job.kind, options.dry_run)
+    src = job.source
+    # Protocol binding first, before any connection: refusing here touches nothing.
+    if options.dry_run:
+        binding = store.get_binding(src.host, src.username)
+        if binding and binding.protocol != src.protocol:
+            store.bind_mailbox(src.host, src.username, src.protocol, job.name)  # raises
+    else:
+        store.bind_mailbox(src.host, src.username, src.protocol, job.name)
+    # A dry run writes nothing to the state database: it only reads what earlier runs did.
+    if options.dry_run:
+        job_id, run_id = store.find_job(job.name), None
+    else:
+        job_id = store.ensure_job(job.name, job.kind, src.host, src.username)
+        run_id = store.start_run(job_id, dry_run=False)
+    counters = Counters()
+    started = time.monotonic()
+    worker_cls = ImapCopy if job.kind == IMAP_COPY else Pop3Archive
+    outcome = "ok"
+    try:
+        worker_cls(job, store, job_id, options, counters, result).run()
+    except SafetyError as exc:
+        result.errors.append(str(exc))
+        outcome = "failed"
+    except MigrateError as exc:
+        result.errors.append(str(exc))
+        outcome = "failed"
+    except BaseException as exc:
+        outcome = "aborted"
+        if run_id is not None:
+            store.finish_run(run_id, outcome, counters.values, error=type(exc).__name__)
+        raise
+    result.elapsed = time.monotonic() - started
+    result.counts = dict(counters.values)
+    if result.counts.get("failed"):
+        outcome = "failed"
+    if run_id is not None:
+        store.finish_run(run_id, outcome, result.counts,
+                         error="; ".join(result.errors)[:2000] or None)
+    return result
+
+
+def exit_code(results: Sequence[JobResult]) -> int:
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED

@@ -1,0 +1,529 @@
+"""imap-copy: folders, messages, flags and dates from one IMAP account to another.
+
+Per folder:  list source metadata → reconcile with the state database (new, vanished,
+changed flags) → for pending messages, look for an identical copy already at the
+destination (Message-ID + size, confirmed by sha256) → fetch in size-bounded batches →
+write an ``appending`` intent → (MULTI)APPEND → read the copies back and compare sha256
+→ commit ``verified``.  Deletion from the source is a separate phase over verified
+messages only.  Folders run in parallel, one connection pair per worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import faults, safety
+from .config import Job
+from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
+from .engine import Counters, JobResult, Progress, RunOptions, retrying
+from .errors import FolderError, MailboxError, MigrateError, SafetyError
+from .folders import FolderPlan, plan_folders
+from .states import State
+from .store import MessageRow, Store
+
+log = logging.getLogger("migrate.imap_copy")
+
+
+def source_key(uidvalidity: int, uid: int) -> str:
+    return f"{uidvalidity}:{uid}"
+
+
+@dataclass
+class FolderRun:
+    """What one folder's sync learned, kept for the deletion phase."""
+
+    plan: FolderPlan
+    folder_id: int | None = None
+    uidvalidity: int | None = None
+    present: set[int] = field(default_factory=set)
+    error: str | None = None
+
+
+class SessionPool:
+    """Connection pairs (source, destination) handed to worker threads."""
+
+    def __init__(self, job: Job, options: RunOptions):
+        self.job = job
+        self.options = options
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._all: list[ImapSession] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> tuple[ImapSession, ImapSession]:
+        def attempt():
+            src = ImapSession.connect(self.job.source)
+            try:
+                dst = ImapSession.connect(self.job.destination)
+            except BaseException:
+                src.logout()
+                raise
+            if not self.options.use_uidplus:
+                dst.capabilities.discard("UIDPLUS")
+            return src, dst
+        pair = retrying(self.options)(attempt)
+        with self._lock:
+            self._all.extend(pair)
+        return pair
+
+    def take(self) -> tuple[ImapSession, ImapSession]:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            return self._connect()
+
+    def give_back(self, pair) -> None:
+        self._idle.put(pair)
+
+    def discard(self, pair) -> None:
+        for s in pair:
+            s.logout()
+
+    def close(self) -> None:
+        while True:
+            try:
+                pair = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            self.discard(pair)
+
+
+class ImapCopy:
+    def __init__(self, job: Job, store: Store, job_id: int | None, options: RunOptions,
+                 counters: Counters, result: JobResult):
+        self.job = job
+        self.store = store
+        self.job_id = job_id
+        self.options = options
+        self.counters = counters
+        self.result = result
+        self.dry = options.dry_run
+        self._lock = threading.Lock()
+
+    # --- the run -----------------------------------------------------------------
+
+    def run(self) -> None:
+        pool = SessionPool(self.job, self.options)
+        progress = Progress(self.job.name, self.options.progress)
+        try:
+            src, dst = pool.take()
+            plans = self._plan(src, dst)
+            pool.give_back((src, dst))
+            self.counters.add("folders", len(plans))
+            workers = max(1, min(len(plans), self.job.source.max_connections,
+                                 self.job.destination.max_connections))
+            runs = [FolderRun(p) for p in plans]
+            with ThreadPoolExecutor(workers, thread_name_prefix=f"mm-{self.job.name}") as ex:
+                list(ex.map(lambda fr: self._folder_with_retry(pool, fr, progress), runs))
+            if self.job.delete_after_verify:
+                self._delete_phase(pool, runs)
+        finally:
+            progress.close()
+            pool.close()
+
+    def _plan(self, src: ImapSession, dst: ImapSession) -> list[FolderPlan]:
+        plans = plan_folders(src.list_folders(), src.delimiter, src.prefix,
+                             dst.list_folders(), dst.delimiter, dst.prefix, self.job.folders)
+        created = set()
+        for p in plans:
+            if p.create and p.destination not in created:
+                created.add(p.destination)
+                if self.dry:
+                    self.result.plan.append(f"create folder {p.destination!r} "
+                                            f"(from {p.source!r})")
+                else:
+                    dst.create_folder(p.destination)
+                    log.info("%s: created folder %r", self.job.name, p.destination)
+        return plans
+
+    def _folder_with_retry(self, pool: SessionPool, fr: FolderRun, progress: Progress
+                           ) -> None:
+        def attempt():
+            pair = pool.take()
+            try:
+                self._sync_folder(pair[0], pair[1], fr, progress)
+            except BaseException as exc:
+                if getattr(exc, "transient", False):
+                    pool.discard(pair)  # dead connection: reconnect on the next take()
+                else:
+                    pool.give_back(pair)
+                raise
+            pool.give_back(pair)
+        try:
+            retrying(self.options)(attempt)
+        except (FolderError, MailboxError) as exc:
+            fr.error = str(exc)
+            self._error(f"folder {fr.plan.source!r}: {exc}")
+        except MigrateError as exc:
+            fr.error = str(exc)
+            self._error(f"folder {fr.plan.source!r}: {exc}")
+
+    def _error(self, text: str) -> None:
+        with self._lock:
+            self.result.errors.append(text)
+        log.error("%s: %s", self.job.name, text)
+
+    def _warn(self, text: str) -> None:
+        with self._lock:
+            self.result.warnings.append(text)
+        log.warning("%s: %s", self.job.name, text)
+
+    # --- one folder --------------------------------------------------------------
+
+    def _sync_folder(self, src: ImapSession, dst: ImapSession, fr: FolderRun,
+                     progress: Progress) -> None:
+        plan = fr.plan
+        sel = src.select(plan.source, readonly=True)  # EXAMINE: never sets \Seen
+        metas = src.list_messages(sel.exists)
+        by_uid = {m.uid: m for m in metas}
+        fr.uidvalidity = sel.uidvalidity
+        fr.present = set(by_uid)
+
+        dsel = self._select_destination(dst, plan)
+        frow = self.store.folder(self.job_id, plan.source) if self.job_id else None
+        if frow and frow.uidvalidity not in (None, sel.uidvalidity):
+            self._warn(f"folder {plan.source!r}: UIDVALIDITY changed ({frow.uidvalidity} → "
+                       f"{sel.uidvalidity}); reconciling by Message-ID, size and content "
+                       "hash instead of copying again")
+        if not self.dry:
+            frow = self.store.upsert_folder(self.job_id, plan.source, plan.destination,
+                                            sel.uidvalidity, dsel.uidvalidity if dsel else None)
+            fr.folder_id = frow.id
+            self.store.add_messages(frow.id, [
+                {"source_key": source_key(sel.uidvalidity, m.uid),
+                 "source_uidvalidity": sel.uidvalidity, "source_uid": m.uid,
+                 "size": m.size, "message_id": m.message_id, "flags": m.flags,
+                 "internaldate": m.internaldate} for m in metas])
+        prefix = f"{sel.uidvalidity}:"
+        rows = {k: r for k, r in (self.store.messages(frow.id) if frow else {}).items()
+                if k.startswith(prefix)}
+        if self.dry:  # rows for messages no earlier run has seen
+            for m in metas:
+                rows.setdefault(source_key(sel.uidvalidity, m.uid), _fresh_row(m))
+
+        self._reconcile_vanished(plan, rows, by_uid)
+        pending = sorted((r for r in rows.values() if r.source_uid in by_uid
+                          and r.state in (State.SEEN, State.APPENDING, State.FAILED)),
+                         key=lambda r: r.source_uid)
+        unverified = [r for r in rows.values() if r.source_uid in by_uid
+                      and r.state == State.COPIED]
+        progress.grow(len(pending) + len(unverified))
+
+        if self.dry:
+            self._dry_report(plan, pending, rows, by_uid, dst, dsel)
+            return
+        assert dsel is not None
+        if unverified:
+            self._verify_copied(dst, dsel, unverified, progress)
+        if pending:
+            self._copy_pending(src, dst, plan, dsel, pending, by_uid, rows, progress)
+        self._sync_flags(dst, plan, dsel, rows, by_uid)
+
+    def _select_destination(self, dst: ImapSession, plan: FolderPlan) -> SelectInfo | None:
+        if self.dry and plan.create:
+            return None  # would be created; nothing there yet
+        return dst.select(plan.destination, readonly=self.dry)
+
+    def _reconcile_vanished(self, plan, rows: dict[str, MessageRow], by_uid) -> None:
+        gone = [r for r in rows.values() if r.source_uid not in by_uid]
+        ours = [r for r in gone if r.state == State.DELETING]
+        theirs = [r for r in gone if r.state in (State.SEEN, State.APPENDING, State.COPIED,
+                                                 State.VERIFIED, State.FAILED)]
+        if not self.dry:
+            # Our own deletion finished after the crash/drop that left them "deleting".
+            self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
+                              (State.VANISHED, [{"id": r.id} for r in theirs], False)])
+            for r in ours + theirs:
+                r.state = State.DELETED if r in ours else State.VANISHED
+        if theirs:
+            self.counters.add("vanished", len(theirs))
+            self._warn(
+                f"folder {plan.source!r}: {len(theirs)} messages vanished from the source "
+                "since the last run without mailmigrate deleting them; another client "
+                "(often a POP3 client) is deleting mail from this mailbox")
+
+    # --- copying -----------------------------------------------------------------
+
+    def _batches(self, rows: Sequence[MessageRow]) -> Iterator[list[MessageRow]]:
+        """Size-bounded batches: a large message travels alone."""
+        batch: list[MessageRow] = []
+        size = 0
+        for r in rows:
+            if batch and (size + r.size > self.options.batch_bytes
+                          or len(batch) >= self.options.batch_messages):
+                yield batch
+                batch, size = [], 0
+            batch.append(r)
+            size += r.size
+        if batch:
+            yield batch
+
+    def _copy_pending(self, src, dst, plan, dsel, pending, by_uid, rows, progress) -> None:
+        # What the destination already holds, for duplicate detection: (Message-ID, size)
+        # → UIDs, minus UIDs already accounted for by a verified row of this folder.
+        dest_index: dict[tuple[str | None, int], list[int]] = defaultdict(list)
+        for m in dst.list_messages(dsel.exists):
+            dest_index[(m.message_id, m.size)].append(m.uid)
+        claimed = {r.destination_uid for r in rows.values()
+                   if r.state in (State.VERIFIED, State.DELETING)
+                   and r.destination_uidvalidity == dsel.uidvalidity}
+
+        for batch in self._batches(pending):
+            bodies = src.fetch_bodies([r.source_uid for r in batch])
+            batch = [r for r in batch if r.source_uid in bodies]  # expunged meanwhile
+            digests = {r.id: hashlib.sha256(bodies[r.source_uid]).hexdigest() for r in batch}
+
+            duplicates = self._find_duplicates(dst, batch, digests, bodies, dest_index,
+                                               claimed)
+            to_append = [r for r in batch if r.id not in duplicates]
+            dup_changes = [{"id": r.id, "sha256": digests[r.id],
+                            "destination_uidvalidity": dsel.uidvalidity,
+                            "destination_uid": duplicates[r.id]} for r in batch
+                           if r.id in duplicates]
+            self.store.apply([
+                # Intent first: after a crash these are looked up, not appended again.
+                (State.APPENDING, [{"id": r.id, "sha256": digests[r.id]} for r in to_append
+                                   if r.state != State.APPENDING], False),
+                (State.COPIED, dup_changes, False),
+                (State.VERIFIED, [{"id": c["id"]} for c in dup_changes], False),
+            ])
+            self.counters.add("skipped", len(dup_changes))
+            faults.checkpoint("after-intent")
+            if to_append:
+                self._append_and_verify(dst, plan, dsel, to_append, bodies, by_uid, digests)
+            progress.advance(len(batch))
+            del bodies
+
+    def _find_duplicates(self, dst, batch, digests, bodies, dest_index, claimed
+                         ) -> dict[int, int]:
+        """row id → destination UID of an identical message already there."""
+        candidates = {r.id: [u for u in dest_index.get((r.message_id, r.size), ())
+                             if u not in claimed] for r in batch}
+        wanted = sorted({u for us in candidates.values() for u in us})
+        if not wanted:
+            return {}
+        dest_digests = {u: hashlib.sha256(b).hexdigest()
+                        for u, b in dst.fetch_bodies(wanted).items()}
+        found = {}
+        for r in batch:
+            for u in candidates[r.id]:
+                if u not in claimed and dest_digests.get(u) == digests[r.id]:
+                    found[r.id] = u
+                    claimed.add(u)
+                    break
+        return found
+
+    def _append_and_verify(self, dst, plan, dsel, rows, bodies, by_uid, digests) -> None:
+        items = [AppendItem(bodies[r.source_uid], by_uid[r.source_uid].flags,
+                            by_uid[r.source_uid].internaldate) for r in rows]
+        uidnext_before = dsel.uidnext
+        outcome = dst.append(plan.destination, items)
+        faults.checkpoint("after-append")
+        appended = {r.id: u for r, u in zip(rows, outcome) if not isinstance(u, Exception)}
+        rejected = [(r, u) for r, u in zip(rows, outcome) if isinstance(u, Exception)]
+
+        unknown = [r for r in rows if r.id in appended and appended[r.id] is None]
+        if unknown:  # no APPENDUID: find the new copies by size + sha256 (search)
+            by_size: dict[int, set[str]] = defaultdict(set)
+            for r in unknown:
+                by_size[len(bodies[r.source_uid])].add(digests[r.id])
+            found = dst.find_by_content(uidnext_before or 1, by_size)
+            for r in unknown:
+                appended[r.id] = found.pop(digests[r.id], None)
+
+        with_uid = {r.id: appended[r.id] for r in rows if appended.get(r.id)}
+        copied_back = {u: hashlib.sha256(b).hexdigest() for u, b in
+                       dst.fetch_bodies(sorted(with_uid.values())).items()}
+        # the folder grew; later UID searches must start past these
+        if with_uid:
+            dsel.uidnext = max(dsel.uidnext or 0, max(with_uid.values()) + 1)
+
+        copied, verified, failed = [], [], []
+        for r in rows:
+            if r.id not in appended:
+                continue
+            uid = appended[r.id]
+            if uid is None:
+                failed.append({"id": r.id, "last_error":
+                               "appended, but the copy could not be found at the destination "
+                               "to verify it"})
+                continue
+            copied.append({"id": r.id, "destination_uidvalidity": dsel.uidvalidity,
+                           "destination_uid": uid})
+            if copied_back.get(uid) == digests[r.id]:
+                verified.append({"id": r.id, "last_error": None})
+            else:
+                failed.append({"id": r.id, "last_error":
+                               f"verification failed: destination UID {uid} differs from the "
+                               f"source (sha256 {digests[r.id][:12]}… expected, "
+                               f"{(copied_back.get(uid) or 'nothing')[:12]}… found)"})
+        for r, exc in rejected:
+            failed.append({"id": r.id, "last_error": str(exc)})
+            self._error(f"folder {plan.source!r}: message UID {r.source_uid} "
+                        f"({r.size} bytes, {r.message_id or 'no Message-ID'}): {exc}")
+        failed_ids = {f["id"] for f in failed}
+        self.store.apply([
+            (State.COPIED, copied, False),
+            (State.VERIFIED, verified, False),
+            (State.FAILED, failed, True),
+        ])
+        for f in failed:
+            if not any(f["id"] == r.id for r, _ in rejected):
+                self._error(f"folder {plan.source!r}: {f['last_error']}")
+        self.counters.add("copied", len(verified))
+        self.counters.add("failed", len(failed_ids))
+        self.counters.add("bytes", sum(r.size for r in rows if any(
+            v["id"] == r.id for v in verified)))
+
+    def _verify_copied(self, dst, dsel, rows: list[MessageRow], progress) -> None:
+        """Messages appended by an earlier run that stopped before verifying them."""
+        usable = [r for r in rows if r.destination_uid and r.sha256
+                  and r.destination_uidvalidity == dsel.uidvalidity]
+        got = {u: hashlib.sha256(b).hexdigest() for u, b in
+               dst.fetch_bodies([r.destination_uid for r in usable]).items()}
+        ok = [{"id": r.id} for r in usable if got.get(r.destination_uid) == r.sha256]
+        ok_ids = {c["id"] for c in ok}
+        bad = [{"id": r.id, "last_error": "copy at the destination is missing or differs; "
+                                          "it will be copied again"}
+               for r in rows if r.id not in ok_ids]
+        self.store.apply([(State.VERIFIED, ok, False), (State.FAILED, bad, True)])
+        self.counters.add("copied", len(ok))
+        progress.advance(len(ok))
+        for r in rows:  # failed ones go through the normal path in this run
+            if r.id not in ok_ids:
+                r.state = State.FAILED
+
+    # --- flags -------------------------------------------------------------------
+
+    def _sync_flags(self, dst, plan, dsel, rows, by_uid) -> None:
+        groups: dict[tuple[frozenset, frozenset], list[MessageRow]] = defaultdict(list)
+        for r in rows.values():
+            if r.state not in (State.VERIFIED, State.DELETING) or r.source_uid not in by_uid:
+                continue
+            new = by_uid[r.source_uid].flags
+            if new == r.flags:
+                continue
+            if r.destination_uidvalidity != dsel.uidvalidity:
+                continue  # destination folder was recreated; those UIDs mean nothing now
+            groups[(new - r.flags, r.flags - new)].append(r)
+        for (add, remove), members in groups.items():
+            for chunk in _chunks(members, 500):
+                dst.store_flags([r.destination_uid for r in chunk], add, remove)
+                self.store.update_flags([{"id": r.id, "flags": by_uid[r.source_uid].flags}
+                                         for r in chunk])
+                self.counters.add("flags_updated", len(chunk))
+
+    # --- dry run -----------------------------------------------------------------
+
+    def _dry_report(self, plan, pending, rows, by_uid, dst, dsel) -> None:
+        maybe_dupes = 0
+        if pending and dsel is not None:
+            index = {(m.message_id, m.size) for m in dst.list_messages(dsel.exists)}
+            maybe_dupes = sum(1 for r in pending if (r.message_id, r.size) in index)
+        flag_changes = sum(1 for r in rows.values()
+                           if r.state in (State.VERIFIED, State.DELETING)
+                           and r.source_uid in by_uid and by_uid[r.source_uid].flags != r.flags)
+        size = sum(r.size for r in pending)
+        deletable = 0
+        if self.job.delete_after_verify:
+            deletable = sum(1 for r in rows.values() if r.source_uid in by_uid
+                            and r.state in safety.DELETABLE)
+            self.counters.add("would_delete", deletable)
+        self.counters.add("would_copy", len(pending))
+        self.counters.add("would_copy_bytes", size)
+        self.counters.add("flags_updated", 0)
+        line = (f"folder {plan.source!r} → {plan.destination!r}: {len(pending)} to copy "
+                f"({size / 1e6:.1f} MB)")
+        if maybe_dupes:
+            line += f", {maybe_dupes} of them possibly already there (same Message-ID + size)"
+        line += f", {flag_changes} flag updates"
+        if self.job.delete_after_verify:
+            line += (f", {deletable} verified to delete from the source "
+                     f"(+{len(pending)} once copied)")
+        with self._lock:
+            self.result.plan.append(line)
+
+    # --- deletion ----------------------------------------------------------------
+
+    def _delete_phase(self, pool: SessionPool, runs: list[FolderRun]) -> None:
+        if self.dry:
+            # The cap is checked on what a real run would delete, so the dry run tells.
+            would = self.counters.values.get("would_delete", 0) + \
+                self.counters.values.get("would_copy", 0)
+            try:
+                safety.check_cap(self.job.name, would, self.options.max_delete)
+            except SafetyError as exc:
+                self.result.plan.append(f"deletion would be refused: {exc}")
+            return
+        work: list[tuple[FolderRun, list[MessageRow]]] = []
+        for fr in runs:
+            if fr.error or fr.uidvalidity is None:
+                continue  # never delete from a folder whose sync did not finish cleanly
+            rows = [r for k, r in self.store.messages(fr.folder_id).items()
+                    if k.startswith(f"{fr.uidvalidity}:") and r.source_uid in fr.present]
+            candidates = safety.deletable(rows)
+            if candidates:
+                work.append((fr, candidates))
+        total = sum(len(c) for _, c in work)
+        try:
+            safety.check_cap(self.job.name, total, self.options.max_delete)
+        except SafetyError as exc:
+            self._error(str(exc))
+            return
+        if not work:
+            return
+
+        def attempt(fr: FolderRun, candidates: list[MessageRow]):
+            pair = pool.take()
+            src = pair[0]
+            try:
+                sel = src.select(fr.plan.source, readonly=False)
+                if sel.uidvalidity != fr.uidvalidity:
+                    raise FolderError(
+                        f"UIDVALIDITY changed during the run ({fr.uidvalidity} → "
+                        f"{sel.uidvalidity}); nothing deleted in this folder")
+                todo = [r for r in candidates if r.state != State.DELETED]
+                for chunk in _chunks(todo, 500):
+                    self.store.transition(State.DELETING, [
+                        {"id": r.id} for r in chunk if r.state == State.VERIFIED])
+                    for r in chunk:
+                        r.state = State.DELETING
+                    faults.checkpoint("before-expunge")
+                    src.delete([r.source_uid for r in chunk])
+                    faults.checkpoint("after-expunge")
+                    self.store.transition(State.DELETED, [{"id": r.id} for r in chunk])
+                    for r in chunk:
+                        r.state = State.DELETED
+                    self.counters.add("deleted", len(chunk))
+            except BaseException as exc:
+                if getattr(exc, "transient", False):
+                    pool.discard(pair)
+                else:
+                    pool.give_back(pair)
+                raise
+            pool.give_back(pair)
+
+        for fr, candidates in work:
+            try:
+                retrying(self.options)(attempt, fr, candidates)
+            except MigrateError as exc:
+                self._error(f"folder {fr.plan.source!r}: deletion: {exc}")
+
+
+def _fresh_row(m: MessageMeta) -> MessageRow:
+    return MessageRow(id=-m.uid, source_key="", source_uid=m.uid, size=m.size,
+                      message_id=m.message_id, sha256=None, flags=m.flags, state=State.SEEN,
+                      destination_uidvalidity=None, destination_uid=None,
+                      destination_path=None, verified_at=None, attempts=0)
+
+
+def _chunks(seq: Sequence, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+

@@ -1,0 +1,55 @@
+"""The per-message state machine.  Every allowed transition is listed here, once.
+
+    seen ──► appending ──► copied ──► verified ──► deleting ──► deleted
+      │          │            │           │
+      └──────────┴────────────┴───────────┴──► failed ──► seen (retried next run)
+    seen/copied/verified ──► vanished (gone from the source, not deleted by us)
+
+* ``appending`` is an intent written *before* the APPEND (or the archive write): after a
+  crash it says "this message may or may not be at the destination"; the next run looks
+  for it there instead of appending blindly.
+* ``deleting`` is the same for deletion: the source may or may not still have it.
+* Only ``verified`` messages may move towards ``deleting``: nothing is removed from a
+  source unless its copy was proven identical and that fact is committed.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    SEEN = "seen"
+    APPENDING = "appending"
+    COPIED = "copied"
+    VERIFIED = "verified"
+    DELETING = "deleting"
+    DELETED = "deleted"
+    FAILED = "failed"
+    VANISHED = "vanished"
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.SEEN: frozenset({State.APPENDING, State.COPIED, State.FAILED, State.VANISHED}),
+    State.APPENDING: frozenset({State.COPIED, State.SEEN, State.FAILED, State.VANISHED}),
+    State.COPIED: frozenset({State.VERIFIED, State.FAILED, State.VANISHED}),
+    State.VERIFIED: frozenset({State.DELETING, State.VANISHED, State.SEEN}),
+    State.DELETING: frozenset({State.DELETED, State.VERIFIED}),
+    State.DELETED: frozenset(),
+    State.FAILED: frozenset({State.SEEN, State.APPENDING, State.COPIED, State.VANISHED}),
+    State.VANISHED: frozenset({State.SEEN}),
+}
+
+# States in which the message is known to be safely at the destination.
+AT_DESTINATION = frozenset({State.VERIFIED, State.DELETING, State.DELETED})
+# States that still need work on a (re-)run.
+PENDING = frozenset({State.SEEN, State.APPENDING, State.COPIED, State.FAILED})
+
+
+def sources_of(target: State) -> frozenset[State]:
+    """The states from which ``target`` may be entered."""
+    return frozenset(s for s, targets in TRANSITIONS.items() if target in targets)
+
+
+def can_move(current: State, target: State) -> bool:
+    return target in TRANSITIONS[current]

@@ -1,0 +1,277 @@
+"""Config validation: every rule names the job, the key, what was expected, what to do."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from migrate import config as cfg
+from migrate.errors import ConfigError
+
+
+def base_job(**overrides) -> dict:
+    job = {
+        "name": "alice",
+        "kind": "imap-copy",
+        "source": {"host": "mail.old.example", "username": "alice@old.example",
+                   "password_env": "ALICE_OLD"},
+        "destination": {"host": "mail.new.example", "username": "alice@new.example",
+                        "password_env": "ALICE_NEW"},
+    }
+    job.update(overrides)
+    return job
+
+
+def pop_job(**overrides) -> dict:
+    job = {
+        "name": "bob-archive",
+        "kind": "pop3-archive",
+        "source": {"host": "mail.old.example", "username": "bob@old.example",
+                   "password": "x"},
+        "archive": {"path": "archive/bob"},
+    }
+    job.update(overrides)
+    return job
+
+
+def parse(*jobs, **top):
+    data = {"jobs": list(jobs), **top}
+    return cfg.parse(data, base_dir=Path("/etc/mailmigrate"))
+
+
+def problems(*jobs, **top) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(*jobs, **top)
+    assert info.value.exit_code == 2
+    return str(info.value)
+
+
+def test_valid_config_gets_safe_defaults():
+    c = parse(base_job(), pop_job())
+    job = c.job("alice")
+    assert job.source.security == "ssl" and job.source.port == 993
+    assert job.destination.port == 993
+    assert job.delete_after_verify is False
+    assert job.folders.include == ("*",)
+    pop = c.job("bob-archive")
+    assert pop.source.port == 995 and pop.source.protocol == "pop3"
+    assert pop.archive.path == Path("/etc/mailmigrate/archive/bob")
+    assert c.state_url == "sqlite:////etc/mailmigrate/mailmigrate.db"
+
+
+def test_starttls_defaults_to_the_plaintext_ports():
+    job = base_job()
+    job["source"]["security"] = "starttls"
+    pop = pop_job()
+    pop["source"]["security"] = "starttls"
+    c = parse(job, pop)
+    assert c.job("alice").source.port == 143
+    assert c.job("bob-archive").source.port == 110
+
+
+def test_relative_sqlite_url_is_relative_to_the_config_file():
+    c = parse(base_job(), state={"url": "sqlite:///state/mm.db"})
+    assert c.state_url == "sqlite:////etc/mailmigrate/state/mm.db"
+
+
+def test_unknown_key_names_job_key_and_suggests_fix():
+    job = base_job()
+    job["source"]["hots"] = "typo"
+    text = problems(job)
+    assert "job 'alice', [jobs.source]: unknown key 'hots'; did you mean 'host'?" in text
+
+
+def test_unknown_top_level_and_job_keys():
+    text = problems(base_job(delete_after_verfy=True), stat={})
+    assert "unknown key 'stat'; did you mean 'state'?" in text
+    assert "unknown key 'delete_after_verfy'; did you mean 'delete_after_verify'?" in text
+
+
+def test_missing_host_username_and_password_source():
+    job = base_job()
+    job["source"] = {"security": "ssl"}
+    text = problems(job)
+    assert "job 'alice', [jobs.source]: missing required key 'host'" in text
+    assert "job 'alice', [jobs.source]: missing required key 'username'" in text
+    assert ("job 'alice', [jobs.source]: no password source; set one of password_env, "
+            "password_file, password_command or password") in text
+
+
+def test_two_password_sources_refused():
+    job = base_job()
+    job["source"]["password"] = "x"
+    text = problems(job)
+    assert "password_env and password are all set; keep exactly one password source" in text
+
+
+def test_duplicate_job_names():
+    text = problems(base_job(), base_job())
+    assert "job 'alice' is defined twice (jobs #1 and #2); job names must be unique" in text
+
+
+def test_security_none_requires_allow_insecure():
+    job = base_job()
+    job["source"]["security"] = "none"
+    text = problems(job)
+    assert ("job 'alice', [jobs.source]: security = \"none\" sends the password and all "
+            "mail unencrypted; use \"ssl\" (port 993) or \"starttls\" (port 143); set "
+            "allow_insecure = true only for a trusted private network") in text
+    job["source"]["allow_insecure"] = True
+    assert parse(job).job("alice").source.port == 143
+
+
+def test_implicit_tls_on_plaintext_port_refused():
+    job = pop_job()
+    job["source"]["port"] = 110
+    text = problems(job)
+    assert ("job 'bob-archive', [jobs.source]: port = 110 is the plaintext/STARTTLS port but "
+            "security = \"ssl\" (implicit TLS); use port = 995, or security = \"starttls\"") \
+        in text
+
+
+def test_smtp_port_refused_even_with_allow_insecure():
+    job = base_job()
+    job["source"].update(port=25, security="none", allow_insecure=True)
+    text = problems(job)
+    assert ("port = 25 is an SMTP port (sending mail), not IMAP; IMAP uses 993 (SSL/TLS) "
+            "or 143 (STARTTLS)") in text
+
+
+def test_short_username_refused_unless_allowed():
+    job = base_job()
+    job["source"]["username"] = "alice"
+    text = problems(job)
+    assert ("job 'alice', [jobs.source]: username = 'alice' is not a full email address; "
+            "mail servers almost always expect the full address") in text
+    assert "set allow_short_username = true" in text
+    job["source"]["allow_short_username"] = True
+    assert parse(job).job("alice").source.username == "alice"
+
+
+def test_same_mailbox_with_two_protocols_refused():
+    imap = base_job()
+    pop = pop_job()
+    pop["source"]["username"] = "ALICE@old.example"  # same mailbox, other case
+    text = problems(imap, pop)
+    assert ("jobs 'alice' (IMAP) and 'bob-archive' (POP3) both read mailbox "
+            "ALICE@old.example on mail.old.example; use one protocol per mailbox: a POP3 "
+            "client deletes mail from the server that IMAP clients still expect") in text
+
+
+def test_kind_specific_tables():
+    text = problems(base_job(archive={"path": "x"}),
+                    pop_job(destination={"host": "h"}, folders={}))
+    assert "[jobs.archive] is for pop3-archive jobs" in text
+    assert "[jobs.destination] is for imap-copy jobs" in text
+    assert "[jobs.folders] is for imap-copy jobs" in text
+
+
+def test_leave_on_server_days_rules():
+    text = problems(base_job(leave_on_server_days=30),
+                    pop_job(leave_on_server_days=30, delete_after_verify=True))
+    assert "leave_on_server_days applies to pop3-archive jobs only" in text
+    assert "delete_after_verify = true and leave_on_server_days are both set; choose one" \
+        in text
+    assert parse(pop_job(leave_on_server_days=30)).jobs[0].leave_on_server_days == 30
+
+
+def test_wrong_types_and_values():
+    job = base_job(kind="imap-sync")
+    text = problems(job)
+    assert "kind = 'imap-sync'; expected \"imap-copy\" or \"pop3-archive\"" in text
+    job = base_job(delete_after_verify="yes")
+    job["source"]["port"] = "993"
+    text = problems(job)
+    assert "delete_after_verify = 'yes' has the wrong type; expected true or false" in text
+    assert "port = '993' has the wrong type; expected an integer" in text
+
+
+def test_missing_ca_file_is_reported():
+    job = base_job()
+    job["source"]["ca_file"] = "no/such/ca.pem"
+    text = problems(job)
+    assert "ca_file = 'no/such/ca.pem' does not exist" in text
+
+
+def test_every_problem_is_reported_at_once():
+    job = base_job()
+    job["source"]["security"] = "none"
+    job["destination"]["username"] = "bob"
+    with pytest.raises(ConfigError) as info:
+        parse(job)
+    assert len(info.value.problems) == 2
+
+
+def test_load_reports_toml_syntax_and_missing_file(tmp_path):
+    bad = tmp_path / "c.toml"
+    bad.write_text("[[jobs]\nname = 1\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        cfg.load(bad)
+    with pytest.raises(ConfigError, match="does not exist; copy config.example.toml"):
+        cfg.load(tmp_path / "missing.toml")
+
+
+def test_example_config_is_valid(monkeypatch):
+    example = Path(__file__).parent.parent / "config.example.toml"
+    c = cfg.load(example)
+    assert {j.kind for j in c.jobs} == {"imap-copy", "pop3-archive"}
+
+
+def test_passwords_are_lazy_and_never_shown(tmp_path, monkeypatch):
+    secret_file = tmp_path / "pw"
+    secret_file.write_text("s3cret-from-file\n")
+    job = base_job()
+    job["source"] = {"host": "h.example", "username": "a@b.example",
+                     "password_file": str(secret_file)}
+    job["destination"].pop("password_env")
+    job["destination"]["password"] = "inline-s3cret"
+    c = parse(job)
+    j = c.job("alice")
+    assert "s3cret" not in repr(c) and "s3cret" not in str(j.source.password)
+    assert j.source.password.reveal() == "s3cret-from-file"
+    assert j.destination.password.reveal() == "inline-s3cret"
+    # A missing env var names the variable, and nothing else is read before use.
+    monkeypatch.delenv("ALICE_OLD", raising=False)
+    src = parse(base_job()).job("alice").source
+    with pytest.raises(ConfigError, match="password_env = 'ALICE_OLD' but that environment "
+                                          "variable is not set"):
+        src.password.reveal()
+    monkeypatch.setenv("ALICE_OLD", "from-env")
+    assert src.password.reveal() == "from-env"
+
+
+def test_password_command(tmp_path):
+    job = base_job()
+    job["source"].pop("password_env")
+    job["source"]["password_command"] = ["printf", "cmd-secret\\nsecond line"]
+    assert parse(job).job("alice").source.password.reveal() == "cmd-secret"
+    job["source"]["password_command"] = ["sh", "-c", "echo leaked-secret; exit 3"]
+    with pytest.raises(ConfigError) as info:
+        parse(job).job("alice").source.password.reveal()
+    assert "exited with status 3" in str(info.value)
+    assert "leaked-secret" not in str(info.value)
+
+
+def test_inline_password_not_echoed_in_errors():
+    job = base_job()
+    job["source"]["password"] = 12345
+    job["source"].pop("password_env")
+    text = problems(job)
+    assert "password must be a non-empty string" in text and "12345" not in text
+
+
+def test_config_error_exit_code_through_cli(tmp_path, capsys):
+    from migrate.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text('[[jobs]]\nname = "a"\nkind = "imap-copy"\n'
+                    '[jobs.source]\nhost = "h.example"\nusername = "a"\npassword = "pw"\n')
+    code = main(["run", "-c", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    assert "username = 'a' is not a full email address" in err
+    assert "missing; add a [jobs.destination] table" in err
+    assert os.path.exists(tmp_path / "mailmigrate.db") is False

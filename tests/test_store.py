@@ -1,0 +1,149 @@
+"""The state store on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from migrate.errors import SafetyError, StateError
+from migrate.states import TRANSITIONS, State, can_move, sources_of
+from migrate.store import SCHEMA_VERSION, Store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    s = Store(url)
+    yield s
+    s.close()
+
+
+def _message(store, name="INBOX", n=3):
+    job_id = store.ensure_job("alice", "imap-copy")
+    folder = store.upsert_folder(job_id, name, name.replace(".", "/"), 42)
+    ids = store.add_messages(folder.id, [
+        {"source_key": f"42:{i}", "source_uidvalidity": 42, "source_uid": i, "size": 100 + i,
+         "message_id": f"<m{i}@x>", "flags": ["\\Seen", "$Label1"]} for i in range(1, n + 1)])
+    return job_id, folder, ids
+
+
+def test_schema_version_recorded(store):
+    assert store.schema_version() == SCHEMA_VERSION
+
+
+def test_sqlite_uses_wal(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'x.db'}")
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    s.close()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    Store(url).close()
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        conn.execute(text("UPDATE meta SET value = '99' WHERE key = 'schema_version'"))
+    eng.dispose()
+    with pytest.raises(StateError, match="has schema version 99, but this mailmigrate "
+                                         "understands up to 1; upgrade mailmigrate"):
+        Store(url)
+
+
+def test_messages_roundtrip_and_idempotent_add(store):
+    _, folder, ids = _message(store)
+    assert len(ids) == 3
+    again = store.add_messages(folder.id, [{"source_key": "42:1", "size": 1}])
+    assert again == {"42:1": ids["42:1"]}
+    rows = store.messages(folder.id)
+    assert rows["42:2"].state == State.SEEN
+    assert rows["42:2"].flags == frozenset({"\\Seen", "$Label1"})
+    assert rows["42:2"].message_id == "<m2@x>" and rows["42:2"].size == 102
+
+
+def test_transitions_follow_the_state_machine(store):
+    _, folder, ids = _message(store)
+    a = ids["42:1"]
+    store.transition(State.APPENDING, [{"id": a, "sha256": "ab" * 32}])
+    store.apply([(State.COPIED, [{"id": a, "destination_uidvalidity": 7,
+                                  "destination_uid": 11}], False),
+                 (State.VERIFIED, [{"id": a}], False)])
+    row = store.messages(folder.id)["42:1"]
+    assert row.state == State.VERIFIED and row.destination_uid == 11
+    assert row.sha256 == "ab" * 32 and row.verified_at is not None
+    # compare-and-set: a verified message cannot go back to appending
+    with pytest.raises(StateError, match="state conflict"):
+        store.transition(State.APPENDING, [{"id": a}])
+    # seen → deleting is not allowed: only verified messages may be deleted
+    with pytest.raises(StateError):
+        store.transition(State.DELETING, [{"id": ids["42:2"]}])
+    assert store.messages(folder.id)["42:2"].state == State.SEEN
+
+
+def test_apply_is_one_transaction(store):
+    _, folder, ids = _message(store)
+    with pytest.raises(StateError):
+        store.apply([(State.APPENDING, [{"id": ids["42:1"]}], False),
+                     (State.DELETED, [{"id": ids["42:2"]}], False)])
+    assert store.messages(folder.id)["42:1"].state == State.SEEN  # rolled back
+
+
+def test_failed_bumps_attempts_and_records_error(store):
+    _, folder, ids = _message(store)
+    store.transition(State.FAILED, [{"id": ids["42:3"], "last_error": "quota exceeded"}],
+                     bump_attempts=True)
+    row = store.messages(folder.id)["42:3"]
+    assert row.state == State.FAILED and row.attempts == 1
+
+
+def test_protocol_binding(store):
+    first = store.bind_mailbox("Mail.Old.Example", "Alice@old.example", "imap", "alice")
+    assert first.protocol == "imap"
+    assert store.bind_mailbox("mail.old.example", "alice@old.example", "imap", "other").\
+        bound_by_job == "alice"
+    with pytest.raises(SafetyError) as info:
+        store.bind_mailbox("mail.old.example", "alice@old.example", "pop3", "alice-pop")
+    text_ = str(info.value)
+    assert "bound to IMAP by job 'alice' since" in text_
+    assert "a POP3 client deletes mail" in text_
+    assert "mailmigrate unbind alice@old.example --host mail.old.example" in text_
+    assert store.unbind("alice@old.example", "mail.old.example")
+    assert store.bind_mailbox("mail.old.example", "alice@old.example", "pop3", "p").\
+        protocol == "pop3"
+
+
+def test_runs_are_recorded(store):
+    job_id = store.ensure_job("alice", "imap-copy")
+    run_id = store.start_run(job_id, dry_run=False)
+    store.finish_run(run_id, "ok", {"copied": 5, "bytes": 12345})
+    (run,) = store.runs(job_id)
+    assert run["outcome"] == "ok" and run["copied"] == 5 and run["bytes"] == 12345
+    assert run["ended_at"] >= run["started_at"]
+
+
+def test_clock_is_injectable(tmp_path):
+    fixed = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    s = Store(f"sqlite:///{tmp_path / 'c.db'}", clock=lambda: fixed)
+    _, folder, ids = _message(s)
+    s.apply([(State.APPENDING, [{"id": ids["42:1"]}], False),
+             (State.COPIED, [{"id": ids["42:1"]}], False),
+             (State.VERIFIED, [{"id": ids["42:1"]}], False)])
+    assert s.messages(folder.id)["42:1"].verified_at == fixed
+    s.close()
+
+
+def test_state_machine_table_is_consistent():
+    assert all(isinstance(t, frozenset) for t in TRANSITIONS.values())
+    assert sources_of(State.DELETING) == {State.VERIFIED}
+    assert not can_move(State.SEEN, State.DELETED)
+    assert not TRANSITIONS[State.DELETED]
+
+
+def test_unreachable_database_is_a_clear_error(tmp_path):
+    with pytest.raises(StateError, match="cannot open state database"):
+        Store(f"sqlite:///{tmp_path}/no/such/dir/x.db")
