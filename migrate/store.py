@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import (
     BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String,
     Table, Text, TypeDecorator, UniqueConstraint, bindparam, create_engine, event, func,
-    insert, select, update,
+    insert, or_, select, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
@@ -476,8 +476,10 @@ class Store:
             values["deleted_at"] = now
         if bump:
             values["attempts"] = messages.c.attempts + 1
+        # or_ of equalities, not IN: an expanding IN cannot be used with executemany.
         stmt = (update(messages)
-                .where(messages.c.id == bindparam("m_id"), messages.c.state.in_(allowed))
+                .where(messages.c.id == bindparam("m_id"),
+                       or_(*(messages.c.state == s for s in allowed)))
                 .values(**values))
         params = [{"m_id": ch["id"], **{f"v_{c}": ch[c] for c in cols}} for ch in changes]
         result = conn.execute(stmt, params)

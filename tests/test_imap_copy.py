@@ -1,0 +1,286 @@
+"""imap-copy against the real Dovecot pair: complete, incremental, verified, resumable."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from migrate.states import State
+from migrate.store import Store
+from tests.rig import mailgen
+from tests.rig.jobs import imap_job, run, run_cli, write_config
+
+# old host name → expected new host name ('.' + "INBOX." → '/', special-use \Sent → Sent)
+EXPECTED_NAMES = {
+    "INBOX": "INBOX",
+    "INBOX.Sent Messages": "Sent",
+    "INBOX.Archive": "Archive",
+    "INBOX.Archive.2019": "Archive/2019",
+    "INBOX.Entwürfe": "Entwürfe",
+    "INBOX.Projekte.Überblick": "Projekte/Überblick",
+}
+
+
+def content(listing):
+    """Folder → multiset of (sha256, flags, INTERNALDATE) — what must survive a copy."""
+    return {folder: collections.Counter((m.sha256, m.flags, m.internaldate) for m in msgs)
+            for folder, msgs in listing.items()}
+
+
+def assert_copied(old_account, new_account, names=EXPECTED_NAMES):
+    old = content(mailgen.snapshot(old_account))
+    new = content(mailgen.snapshot(new_account))
+    for src, dst in names.items():
+        assert new[dst] == old[src], f"{src} → {dst} differs"
+    return old, new
+
+
+@pytest.fixture
+def filled(old_account):
+    msgs = mailgen.realistic_mailbox()
+    mailgen.fill(old_account, msgs)
+    return msgs
+
+
+@pytest.fixture
+def config(tmp_path, old_account, new_account):
+    def make(**extra):
+        return write_config(tmp_path / "config.toml",
+                            [imap_job("alice", old_account, new_account, **extra)])
+    return make
+
+
+def test_full_copy_is_byte_identical_with_flags_and_dates(filled, old_account, new_account,
+                                                          config, tmp_path):
+    before = mailgen.snapshot(old_account)
+    result = run(config())
+    assert result.ok, result.errors
+    assert result.counts["copied"] == len(filled)
+    assert result.counts["folders"] == len(EXPECTED_NAMES)
+    old, new = assert_copied(old_account, new_account)
+    # nothing extra appeared anywhere at the destination
+    assert sum(sum(c.values()) for c in new.values()) == len(filled)
+    # the source is untouched: still unread where it was unread (BODY.PEEK), same flags
+    assert mailgen.snapshot(old_account) == before
+    # keywords and 8-bit headers made it: spot-check the data itself
+    all_flags = set().union(*(f for c in new.values() for (_, f, _) in c))
+    assert {"$Label1", "project-x", "\\Flagged", "\\Answered", "\\Seen"} <= all_flags
+    # every message verified in the state database
+    store = Store(f"sqlite:///{tmp_path / 'mailmigrate.db'}")
+    states = collections.Counter()
+    for folder in store.folders(store.find_job("alice")):
+        states.update(r.state for r in store.messages(folder.id).values())
+    assert states == {State.VERIFIED: len(filled)}
+    store.close()
+
+
+def test_rerun_is_incremental_new_messages_and_flags(filled, old_account, new_account, config):
+    path = config()
+    assert run(path).counts["copied"] == len(filled)
+    again = run(path)
+    assert again.ok and again.counts.get("copied", 0) == 0
+    assert again.counts.get("flags_updated", 0) == 0
+
+    # a new message and changed flags at the source
+    body, _ = mailgen.make_message(random.Random(99), 999)
+    client = mailgen.connect(old_account)
+    client.append("INBOX.Archive.2019", body, flags=["$Important"])
+    client.select_folder("INBOX")
+    uids = client.search("ALL")[:3]
+    client.add_flags(uids, ["\\Flagged", "$Label9"])
+    client.remove_flags(uids, ["\\Seen"])
+    client.logout()
+
+    third = run(path)
+    assert third.ok, third.errors
+    assert third.counts["copied"] == 1
+    assert third.counts["flags_updated"] == 3
+    assert_copied(old_account, new_account)
+
+
+def test_lost_state_database_appends_no_duplicates(filled, old_account, new_account, config,
+                                                   tmp_path):
+    path = config()
+    run(path)
+    (tmp_path / "mailmigrate.db").unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"mailmigrate.db{suffix}").unlink(missing_ok=True)
+    result = run(path)
+    assert result.ok, result.errors
+    assert result.counts.get("copied", 0) == 0
+    assert result.counts["skipped"] == len(filled)
+    _, new = assert_copied(old_account, new_account)
+    assert sum(sum(c.values()) for c in new.values()) == len(filled)
+
+
+def test_identical_duplicates_in_source_are_both_copied(old_account, new_account, config):
+    body, mid = mailgen.make_message(random.Random(5), 1)
+    twin = mailgen.TestMessage("INBOX", body, ("\\Seen",),
+                               mailgen.realistic_mailbox(count=1)[0].date, mid)
+    mailgen.fill(old_account, [twin, twin])
+    path = config()
+    assert run(path).counts["copied"] == 2
+    assert run(path).counts.get("copied", 0) == 0
+    assert sum(len(v) for v in mailgen.snapshot(new_account).values()) == 2
+
+
+def test_changed_uidvalidity_is_reconciled_not_recopied(filled, old_account, new_account,
+                                                        config):
+    path = config()
+    run(path)
+    old_account.server.doveadm("mailbox", "update", "-u", old_account.username,
+                               "--uid-validity", "4242", "INBOX")
+    result = run(path)
+    assert result.ok, result.errors
+    assert result.counts.get("copied", 0) == 0
+    inbox_count = sum(1 for m in filled if m.folder == "INBOX")
+    assert result.counts["skipped"] == inbox_count
+    assert any("UIDVALIDITY changed" in w for w in result.warnings)
+    assert_copied(old_account, new_account)
+
+
+def test_vanished_messages_are_reported(filled, old_account, config):
+    path = config()
+    run(path)
+    client = mailgen.connect(old_account)
+    client.select_folder("INBOX")
+    uids = client.search("ALL")[:2]
+    client.delete_messages(uids)
+    client.expunge()
+    client.logout()
+    result = run(path)
+    assert result.counts["vanished"] == 2
+    assert any("2 messages vanished from the source since the last run without mailmigrate "
+               "deleting them; another client (often a POP3 client)" in w
+               for w in result.warnings)
+
+
+def test_folder_filters_and_map(filled, old_account, new_account, config):
+    path = config(folders={"include": ["INBOX*"], "exclude": ["INBOX.Archive*"],
+                           "map": {"INBOX.Entwürfe": "Drafts"}})
+    result = run(path)
+    assert result.ok, result.errors
+    new = mailgen.snapshot(new_account)
+    assert "Archive/2019" not in new
+    assert not new.get("Archive")  # the special-use folder exists but stays empty
+    old = content(mailgen.snapshot(old_account))
+    assert content(new)["Drafts"] == old["INBOX.Entwürfe"]
+
+
+def test_without_uidplus_copies_are_found_by_search(filled, old_account, new_account, config):
+    result = run(config(), use_uidplus=False)
+    assert result.ok, result.errors
+    assert result.counts["copied"] == len(filled)
+    assert_copied(old_account, new_account)
+
+
+def test_dry_run_changes_nothing(filled, old_account, new_account, config, tmp_path):
+    before = (mailgen.snapshot(old_account), mailgen.snapshot(new_account))
+    path = config(delete_after_verify=True)
+    proc = run_cli("run", "-c", str(path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "would create folder 'Archive/2019' (from 'INBOX.Archive.2019')" in proc.stdout
+    assert "folder 'INBOX' → 'INBOX': 10 to copy" in proc.stdout
+    assert "alice (dry run): " in proc.stdout
+    assert (mailgen.snapshot(old_account), mailgen.snapshot(new_account)) == before
+    store = Store(f"sqlite:///{tmp_path / 'mailmigrate.db'}")
+    assert store.find_job("alice") is None and store.bindings() == []
+    store.close()
+
+
+def test_dry_run_after_a_copy_reports_flag_updates_and_deletions(filled, old_account,
+                                                                 new_account, config):
+    path = config(delete_after_verify=False)
+    run(path)
+    client = mailgen.connect(old_account)
+    client.select_folder("INBOX")
+    client.add_flags(client.search("ALL")[:2], ["\\Flagged"])
+    client.logout()
+    before = (mailgen.snapshot(old_account), mailgen.snapshot(new_account))
+    path = config(delete_after_verify=True)
+    result = run(path, dry_run=True, max_delete=5)
+    assert "folder 'INBOX' → 'INBOX': 0 to copy (0.0 MB), 2 flag updates, 10 verified to " \
+           "delete from the source (+0 once copied)" in result.plan
+    assert any("deletion would be refused" in line and "more than --max-delete 5" in line
+               for line in result.plan)
+    assert (mailgen.snapshot(old_account), mailgen.snapshot(new_account)) == before
+
+
+def test_delete_after_verify_removes_verified_only(old_account, new_host, tmp_path):
+    small = new_host.add_user("small-quota@new.test", "pw-small", quota_max_mail_size="1M")
+    msgs = mailgen.realistic_mailbox(count=12)  # message #7 is 3 MB: over the limit
+    mailgen.fill(old_account, msgs)
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, small,
+                                                       delete_after_verify=True)])
+    result = run(path)
+    assert not result.ok
+    assert result.counts["failed"] == 1 and result.counts["deleted"] == 11
+    assert any("destination refused the message" in e for e in result.errors)
+    left = [m for ms in mailgen.snapshot(old_account).values() for m in ms]
+    assert len(left) == 1 and left[0].size > 1_000_000
+    copied = sum(len(v) for v in mailgen.snapshot(small).values())
+    assert copied == 11
+    # the rejected message stays failed, and stays on the source, run after run
+    again = run(path)
+    assert again.counts["failed"] == 1 and again.counts.get("deleted", 0) == 0
+    assert len([m for ms in mailgen.snapshot(old_account).values() for m in ms]) == 1
+
+
+def test_max_delete_aborts_deletion_not_copy(filled, old_account, new_account, config):
+    path = config(delete_after_verify=True)
+    proc = run_cli("run", "-c", str(path), "--max-delete", "5", "--no-progress")
+    assert proc.returncode == 1
+    assert f"{len(filled)} messages would be deleted from the source, more than " \
+           "--max-delete 5; nothing was deleted" in proc.stderr
+    assert sum(len(v) for v in mailgen.snapshot(old_account).values()) == len(filled)
+    assert_copied(old_account, new_account)
+    # within the cap it deletes, and only what was verified
+    proc = run_cli("run", "-c", str(path), "--max-delete", str(len(filled)))
+    assert proc.returncode == 0, proc.stderr
+    assert sum(len(v) for v in mailgen.snapshot(old_account).values()) == 0
+    assert sum(len(v) for v in mailgen.snapshot(new_account).values()) == len(filled)
+
+
+def test_cli_summary_line(filled, config):
+    proc = run_cli("run", "-c", str(config()), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"alice: 6 folders, {len(filled)} copied, 0 skipped as duplicates, "
+                           "0 flags updated, 0 deleted, 0 failed, ")
+    assert "msgs/s" in line and "MB/s" in line
+
+
+@pytest.mark.parametrize("point,hit", [("after-intent", 1), ("after-append", 1),
+                                       ("after-append", 4), ("after-intent", 7)])
+def test_kill_9_then_rerun_copies_each_message_exactly_once(point, hit, old_account,
+                                                            new_account, tmp_path):
+    msgs = mailgen.realistic_mailbox(count=90, big=False, seed=3)
+    mailgen.fill(old_account, msgs)
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)])
+    proc = run_cli("run", "-c", str(path), "--batch-messages", "5", "--no-progress",
+                   env={"MAILMIGRATE_CRASH_AT": f"{point}:{hit}"})
+    assert proc.returncode == -9, (proc.returncode, proc.stderr)
+    proc = run_cli("run", "-c", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _, new = assert_copied(old_account, new_account)
+    assert sum(sum(c.values()) for c in new.values()) == len(msgs)
+
+
+@pytest.mark.parametrize("point", ["before-expunge", "after-expunge"])
+def test_kill_9_during_deletion_loses_nothing(point, old_account, new_account, tmp_path):
+    msgs = mailgen.realistic_mailbox(count=30, big=False, seed=4)
+    mailgen.fill(old_account, msgs)
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account,
+                                                       delete_after_verify=True)])
+    proc = run_cli("run", "-c", str(path), "--no-progress",
+                   env={"MAILMIGRATE_CRASH_AT": f"{point}:1"})
+    assert proc.returncode == -9
+    proc = run_cli("run", "-c", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "vanished" not in proc.stderr  # our own deletion is not someone else's
+    assert sum(len(v) for v in mailgen.snapshot(old_account).values()) == 0
+    new = mailgen.snapshot(new_account)
+    assert sorted(m.sha256 for ms in new.values() for m in ms) == \
+        sorted(m.sha256 for m in msgs)
