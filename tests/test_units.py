@@ -1,0 +1,92 @@
+"""Pure functions: folder planning, APPENDUID and Message-ID parsing, deletion gate."""
+
+from __future__ import annotations
+
+import pytest
+
+from migrate.config import Folders
+from migrate.endpoints.imap import (FolderInfo, copyable_flags, parse_appenduid,
+                                    parse_message_id, parse_uid_set)
+from migrate.errors import SafetyError
+from migrate.folders import included, plan_folders, translate_name
+from migrate.safety import check_cap
+
+
+def F(name, *flags, delim="."):
+    return FolderInfo(name, delim, frozenset(flags))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("INBOX", "INBOX"),
+    ("inbox", "INBOX"),
+    ("INBOX.Archive", "Archive"),
+    ("INBOX.Archive.2019", "Archive/2019"),
+    ("INBOX.a/b", "a_b"),  # a '/' inside a name must not invent a level
+    ("Shared.x", "Shared/x"),  # outside the personal prefix: separator still translated
+])
+def test_translate_dot_prefix_to_slash(name, expected):
+    assert translate_name(name, ".", "INBOX.", "/", "") == expected
+
+
+def test_translate_slash_to_dot_with_prefix():
+    assert translate_name("Archive/2019", "/", "", ".", "INBOX.") == "INBOX.Archive.2019"
+
+
+def test_plan_uses_special_use_map_and_existing_case():
+    src = [F("INBOX"), F("INBOX.Sent Messages", "\\Sent"), F("INBOX.Trash", "\\Trash"),
+           F("INBOX.Projekte", "\\Noselect"), F("INBOX.Projekte.X"), F("INBOX.Junk", "\\Junk"),
+           F("INBOX.Old")]
+    dst = [F("INBOX", delim="/"), F("Sent Items", "\\Sent", delim="/"),
+           F("Deleted", "\\Trash", delim="/"), F("old", delim="/")]
+    rules = Folders(include=("*",), exclude=("INBOX.Junk",),
+                    map={"INBOX.Trash": "Papierkorb"})
+    plans = {p.source: p for p in plan_folders(src, ".", "INBOX.", dst, "/", "", rules)}
+    assert set(plans) == {"INBOX", "INBOX.Sent Messages", "INBOX.Trash", "INBOX.Projekte.X",
+                          "INBOX.Old"}
+    assert plans["INBOX.Sent Messages"].destination == "Sent Items"
+    assert plans["INBOX.Sent Messages"].create is False
+    assert plans["INBOX.Trash"].destination == "Papierkorb"  # explicit map wins
+    assert plans["INBOX.Trash"].create is True
+    assert plans["INBOX.Projekte.X"].destination == "Projekte/X"
+    assert plans["INBOX.Old"].destination == "old"  # reuses the existing folder
+    assert plans["INBOX"].create is False
+
+
+def test_include_exclude_globs():
+    rules = Folders(include=("INBOX*",), exclude=("INBOX.Spam*",))
+    assert included("INBOX.Archive", rules)
+    assert not included("INBOX.Spam.2020", rules)
+    assert not included("Other", rules)
+
+
+def test_uid_set_and_appenduid():
+    assert parse_uid_set("5:7,9") == [5, 6, 7, 9]
+    assert parse_uid_set(b"12") == [12]
+    assert parse_appenduid(b"[APPENDUID 1795977597 5:9] Append completed.") == \
+        (1795977597, [5, 6, 7, 8, 9])
+    assert parse_appenduid([b"[APPENDUID 3 4]", b"ok"]) == (3, [4])
+    assert parse_appenduid(b"Append completed.") is None
+
+
+@pytest.mark.parametrize("block,expected", [
+    (b"Message-ID: <a@b>\r\n\r\n", "<a@b>"),
+    (b"message-id:\r\n  <folded@x.example>\r\n\r\n", "<folded@x.example>"),
+    (b"Message-Id: no-brackets@x\r\n", "no-brackets@x"),
+    (b"\r\n", None),
+    (None, None),
+])
+def test_parse_message_id(block, expected):
+    assert parse_message_id(block) == expected
+
+
+def test_copyable_flags_drop_recent_and_deleted():
+    assert copyable_flags([b"\\Seen", b"\\Recent", "\\Deleted", "$Label1"]) == \
+        {"\\Seen", "$Label1"}
+
+
+def test_max_delete_cap():
+    check_cap("alice", 10, 10)
+    check_cap("alice", 10, None)
+    with pytest.raises(SafetyError, match="11 messages would be deleted from the source, more "
+                                          "than --max-delete 10; nothing was deleted"):
+        check_cap("alice", 11, 10)
