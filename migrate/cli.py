@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "be deleted from a source in one run")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--batch-messages", type=int, default=200, help=argparse.SUPPRESS)
+    run.add_argument("--batch-mb", type=float, default=4.0, help=argparse.SUPPRESS)
     run.add_argument("-v", "--verbose", action="count", default=0)
 
     check = sub.add_parser("check-config", help="validate the config file and exit")
@@ -82,7 +83,8 @@ def _run(args) -> int:
         cfg.job(name)  # unknown names fail before anything runs
     options = RunOptions(dry_run=args.dry_run, max_delete=args.max_delete,
                          progress=False if args.no_progress else None,
-                         batch_messages=max(1, args.batch_messages))
+                         batch_messages=max(1, args.batch_messages),
+                         batch_bytes=max(1, int(args.batch_mb * 1024 * 1024)))
     results = run_jobs(cfg, args.job, options)
     for r in results:
         for line in r.plan:

@@ -31,7 +31,7 @@ class RunOptions:
     progress: bool | None = None  # None: only when stderr is a TTY
     retries: int = 4  # connection attempts per unit of work
     retry_wait: float = 1.0  # first back-off in seconds, doubling, capped at 30 s
-    batch_bytes: int = 8 * 1024 * 1024  # size bound of one FETCH/APPEND batch
+    batch_bytes: int = 4 * 1024 * 1024  # size bound of one FETCH/APPEND batch
     batch_messages: int = 200
     use_uidplus: bool = True  # tests switch this off to exercise the search fallback
 

@@ -90,3 +90,23 @@ def test_max_delete_cap():
     with pytest.raises(SafetyError, match="11 messages would be deleted from the source, more "
                                           "than --max-delete 10; nothing was deleted"):
         check_cap("alice", 11, 10)
+
+
+def test_uid_set_text_compresses_runs():
+    from migrate.endpoints.imap import uid_set_text
+
+    assert uid_set_text([7, 1, 2, 3, 9, 10]) == "1:3,7,9:10"
+    assert uid_set_text([5]) == "5"
+    assert uid_set_text([]) == ""
+
+
+def test_parse_body_fetch_finds_uid_before_or_after_the_literal():
+    from migrate.endpoints.imap import parse_body_fetch
+
+    data = [
+        (b"1 (UID 10 BODY[] {3}", b"abc"), b")",
+        (b"2 (BODY[] {2}", b"xy"), b" UID 11)",
+        b"3 (FLAGS (\\Seen) UID 12)",  # unsolicited flag update: no body
+        (b"4 (UID 13 BODY[HEADER] {1}", b"h"), b")",  # another section: ignored
+    ]
+    assert parse_body_fetch(data) == {10: b"abc", 11: b"xy"}

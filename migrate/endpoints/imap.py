@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+from imapclient.datetime_util import datetime_to_INTERNALDATE
+from imapclient.imapclient import seq_to_parenstr
 from imapclient.response_parser import parse_fetch_response
+from imapclient.util import to_bytes
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, FolderError, MailboxError, MessageError
@@ -31,6 +34,8 @@ UNCOPYABLE_FLAGS = frozenset({"\\recent", "\\deleted"})
 
 _APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
 _MSGID_RE = re.compile(rb"<[^<>\s]+>")
+_UID_RE = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
+_BODY_RE = re.compile(rb"\bBODY\[\] \{\d+\}$", re.IGNORECASE)
 
 
 def parse_uid_set(text: str | bytes) -> list[int]:
@@ -46,6 +51,22 @@ def parse_uid_set(text: str | bytes) -> list[int]:
         else:
             out.append(int(part))
     return out
+
+
+def uid_set_text(uids: Iterable[int]) -> str:
+    """[1, 2, 3, 7] → '1:3,7': short command lines for long UID lists."""
+    out = []
+    run_start = prev = None
+    for u in sorted(set(uids)):
+        if prev is not None and u == prev + 1:
+            prev = u
+            continue
+        if run_start is not None:
+            out.append(f"{run_start}:{prev}" if prev != run_start else str(run_start))
+        run_start = prev = u
+    if run_start is not None:
+        out.append(f"{run_start}:{prev}" if prev != run_start else str(run_start))
+    return ",".join(out)
 
 
 def parse_appenduid(response: bytes | str | Sequence) -> tuple[int, list[int]] | None:
@@ -76,6 +97,35 @@ def parse_message_id(header_block: bytes | None) -> str | None:
             value = value.strip()
             return value.decode("utf-8", "replace") or None
     return None
+
+
+def parse_body_fetch(data: Sequence) -> dict[int, bytes]:
+    """UID → body from the raw untagged FETCH data of ``UID FETCH ... (BODY.PEEK[])``.
+
+    imaplib hands literals over as (head, literal) tuples; the UID is in the head or in
+    the bytes that follow the literal.  A direct parse: imapclient's general lexer walks
+    every byte of the response in Python, which costs more than the TLS it arrives by.
+    """
+    out: dict[int, bytes] = {}
+    waiting: bytes | None = None
+    for item in data:
+        if isinstance(item, tuple):
+            head, literal = item
+            if not _BODY_RE.search(head):
+                waiting = None
+                continue
+            m = _UID_RE.search(head)
+            if m:
+                out[int(m.group(1))] = literal
+                waiting = None
+            else:
+                waiting = literal
+        elif waiting is not None and isinstance(item, bytes):
+            m = _UID_RE.search(item)
+            if m:
+                out[int(m.group(1))] = waiting
+            waiting = None
+    return out
 
 
 def copyable_flags(flags: Iterable) -> frozenset[str]:
@@ -298,8 +348,13 @@ class ImapSession:
         """Full raw bodies, without setting \\Seen (BODY.PEEK[])."""
         if not uids:
             return {}
-        data = self.client.fetch(list(uids), ["BODY.PEEK[]"])
-        return {int(uid): item[b"BODY[]"] for uid, item in data.items() if b"BODY[]" in item}
+        wanted = set(uids)
+        imap = self.client._imap
+        tag = imap._command("UID", "FETCH", uid_set_text(uids), "(BODY.PEEK[])")
+        typ, data = imap._command_complete("FETCH", tag)
+        self.client._checkok("fetch", typ, data)
+        typ, data = imap._untagged_response(typ, data, "FETCH")
+        return {u: b for u, b in parse_body_fetch(data or ()).items() if u in wanted}
 
     @_guard
     def append(self, folder: str, items: Sequence[AppendItem]) -> list[int | None | Exception]:
@@ -311,7 +366,16 @@ class ImapSession:
         """
         if not items:
             return []
-        if len(items) > 1 and self.has("MULTIAPPEND"):
+        if len(items) > 1 and self.has("MULTIAPPEND") and self.has("LITERAL+"):
+            try:
+                typ, data = self._multiappend_streamed(folder, items)
+            except IMAPClientAbortError:
+                raise
+            except IMAPClientError:  # BAD: fall through to one message at a time
+                typ, data = "BAD", None
+            if typ == "OK":
+                return self._uids_from(data, len(items))
+        elif len(items) > 1 and self.has("MULTIAPPEND"):
             msgs = []
             for it in items:
                 m = {"msg": it.body, "flags": sorted(it.flags)}
@@ -323,6 +387,25 @@ class ImapSession:
                 return self._uids_from(data, len(items))
             # NO/BAD: nothing was appended (RFC 3502); find the culprit one by one.
         return [self._append_one(folder, it) for it in items]
+
+    def _multiappend_streamed(self, folder: str, items: Sequence[AppendItem]):
+        """MULTIAPPEND with non-synchronising literals, each body sent as it is.
+
+        imapclient's multiappend() copies every message twice before sending; with
+        LITERAL+ nothing needs to wait for a continuation, so the bodies go straight to
+        the socket and memory stays at one batch.
+        """
+        imap = self.client._imap
+        tag = imap._new_tag()
+        imap.send(tag + b" APPEND " + self.client._normalise_folder(folder))
+        for it in items:
+            head = b" " + to_bytes(seq_to_parenstr(sorted(it.flags)))
+            if it.internaldate is not None:
+                head += b' "' + to_bytes(datetime_to_INTERNALDATE(it.internaldate)) + b'"'
+            imap.send(head + b" {" + str(len(it.body)).encode() + b"+}\r\n")
+            imap.send(it.body)
+        imap.send(b"\r\n")
+        return imap._command_complete("APPEND", tag)
 
     def _append_one(self, folder: str, item: AppendItem) -> int | None | Exception:
         try:
