@@ -1,13 +1,207 @@
-"""pop3-archive: placeholder until the POP3 pull lands (issue 4)."""
+"""pop3-archive: every message of a POP3 mailbox into a local Maildir, verified.
+
+A run: CAPA (UIDL required) → UIDL + LIST → reconcile with the state database →
+for each new message: ``appending`` intent → RETR streamed into tmp/ → fsync → rename
+into new/ → re-read and compare sha256 + size → ``verified`` → then, if configured,
+DELE the messages that are due and QUIT; ``deleted`` is recorded only after QUIT
+succeeded.  File names come from a hash of job + UIDL, so a message written again after
+a crash replaces its own copy instead of duplicating it.
+"""
 
 from __future__ import annotations
 
-from .errors import MailboxError
+import logging
+
+from . import faults, safety
+from .config import Job
+from .endpoints.maildir import ArchiveWriteError, MaildirArchive
+from .endpoints.pop3 import Pop3Message, Pop3Session
+from .engine import Counters, JobResult, Progress, RunOptions, retrying
+from .errors import MessageError, SafetyError
+from .states import State
+from .store import MessageRow, Store
+
+log = logging.getLogger("migrate.pop3_archive")
+FOLDER = "INBOX"  # POP3 has one mailbox; its rows live in one pseudo-folder
 
 
 class Pop3Archive:
-    def __init__(self, job, store, job_id, options, counters, result):
+    def __init__(self, job: Job, store: Store, job_id: int | None, options: RunOptions,
+                 counters: Counters, result: JobResult):
         self.job = job
+        self.store = store
+        self.job_id = job_id
+        self.options = options
+        self.counters = counters
+        self.result = result
+        self.dry = options.dry_run
+        self.archive = MaildirArchive(job.archive.path)
+        self.folder_id: int | None = None
 
     def run(self) -> None:
-        raise MailboxError(f"job {self.job.name!r}: pop3-archive is not available yet")
+        if not self.dry:
+            self.archive.ensure()
+            self.folder_id = self.store.upsert_folder(
+                self.job_id, FOLDER, str(self.job.archive.path), None).id
+        elif self.job_id is not None:
+            row = self.store.folder(self.job_id, FOLDER)
+            self.folder_id = row.id if row else None
+        progress = Progress(self.job.name, self.options.progress)
+        try:
+            # A dropped connection restarts from the listing: what is verified is skipped.
+            retrying(self.options)(self._pass, progress)
+        finally:
+            progress.close()
+
+    def _pass(self, progress: Progress) -> None:
+        session = Pop3Session.connect(self.job.source)
+        try:
+            session.require_uidl()
+            listing = session.list_messages()
+            rows = self._reconcile(listing)
+            by_key = {m.key: m for m in listing}
+            pending = [rows[m.key] for m in listing
+                       if rows[m.key].state in (State.SEEN, State.APPENDING, State.FAILED)]
+            if self.dry:
+                self._dry_report(listing, rows, pending)
+                session.close()
+                return
+            progress.grow(len(pending))
+            for row in pending:
+                self._archive_one(session, by_key[row.source_key], row)
+                progress.advance(1)
+            self._delete(session, by_key)
+        except BaseException:
+            session.close()  # never QUIT on an error path: no half-done deletion commits
+            raise
+
+    # --- listing vs. state ---------------------------------------------------------
+
+    def _reconcile(self, listing: list[Pop3Message]) -> dict[str, MessageRow]:
+        if not self.dry:
+            self.store.add_messages(self.folder_id, [
+                {"source_key": m.key, "size": m.size} for m in listing])
+        rows = self.store.messages(self.folder_id) if self.folder_id else {}
+        present = {m.key for m in listing}
+        for m in listing:  # dry run: messages no earlier run has seen
+            rows.setdefault(m.key, MessageRow(
+                id=-m.number, source_key=m.key, source_uid=None, size=m.size,
+                message_id=None, sha256=None, flags=frozenset(), state=State.SEEN,
+                destination_uidvalidity=None, destination_uid=None, destination_path=None,
+                verified_at=None, attempts=0))
+        gone = [r for k, r in rows.items() if k not in present]
+        ours = [r for r in gone if r.state == State.DELETING]
+        theirs = [r for r in gone if r.state in (State.SEEN, State.APPENDING, State.COPIED,
+                                                 State.VERIFIED, State.FAILED)]
+        if not self.dry:
+            # "deleting" + gone: the QUIT of an earlier run went through after all.
+            self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
+                              (State.VANISHED, [{"id": r.id} for r in theirs], False)])
+        if theirs:
+            self.counters.add("vanished", len(theirs))
+            self.result.warnings.append(
+                f"{len(theirs)} messages vanished from the server since the last run without "
+                "mailmigrate deleting them; another client is deleting mail from this "
+                "mailbox (use one protocol and one client per mailbox)")
+        return rows
+
+    # --- archiving ---------------------------------------------------------------
+
+    def _archive_one(self, session: Pop3Session, msg: Pop3Message, row: MessageRow) -> None:
+        epoch = int((row.first_seen_at or self.store.clock()).timestamp())
+        name = self.archive.name_for(self.job.name, row.source_key, epoch)
+        if row.state != State.APPENDING:
+            self.store.transition(State.APPENDING, [{"id": row.id,
+                                                     "destination_path": f"new/{name}"}])
+        faults.checkpoint("after-intent")
+        try:
+            writer = self.archive.writer(name)
+            try:
+                received = session.retrieve(msg.number, writer.write)
+            except BaseException:
+                writer.abort()
+                raise
+            written = writer.commit()
+            faults.checkpoint("archive-written")
+            if received != written.size:
+                raise ArchiveWriteError(f"received {received} bytes but stored {written.size}")
+            if msg.size and written.size != msg.size:
+                raise ArchiveWriteError(
+                    f"server announced {msg.size} bytes (LIST) but sent {written.size}; the "
+                    "download is incomplete or the server miscounts; not verified")
+            self.archive.verify(written.relpath, written.size, written.sha256)
+        except MessageError as exc:  # this message only; the connection is in sync
+            self.store.transition(State.FAILED, [{"id": row.id, "last_error": str(exc)}],
+                                  bump_attempts=True)
+            self.counters.add("failed")
+            self.result.errors.append(f"message {row.source_key} ({msg.size} bytes): {exc}; "
+                                      "it stays on the server")
+            return
+        self.store.apply([
+            (State.COPIED, [{"id": row.id, "sha256": written.sha256,
+                             "destination_path": written.relpath, "last_error": None}], False),
+            (State.VERIFIED, [{"id": row.id}], False),
+        ])
+        row.state = State.VERIFIED
+        row.verified_at = self.store.clock()
+        self.counters.add("copied")
+        self.counters.add("bytes", written.size)
+
+    # --- deletion ----------------------------------------------------------------
+
+    def _delete(self, session: Pop3Session, by_key: dict[str, Pop3Message]) -> None:
+        if not (self.job.delete_after_verify or self.job.leave_on_server_days is not None):
+            # DELETING left over from a run with deletion enabled: those are not deleted.
+            rows = self.store.messages(self.folder_id, [State.DELETING])
+            self.store.transition(State.VERIFIED, [{"id": r.id} for r in rows.values()])
+            session.quit()
+            return
+        rows = [r for r in self.store.messages(
+            self.folder_id, [State.VERIFIED, State.DELETING]).values() if r.source_key in by_key]
+        due = safety.due(rows, self.store.clock(), self.job.delete_after_verify,
+                         self.job.leave_on_server_days)
+        try:
+            safety.check_cap(self.job.name, len(due), self.options.max_delete)
+        except SafetyError as exc:
+            self.result.errors.append(str(exc))
+            session.quit()
+            return
+        if not due:
+            session.quit()
+            return
+        # Intent first; DELE only marks; QUIT commits on the server; then record it.
+        self.store.transition(State.DELETING, [{"id": r.id} for r in due
+                                               if r.state == State.VERIFIED])
+        for r in due:
+            session.mark_deleted(by_key[r.source_key].number)
+        faults.checkpoint("before-quit")
+        session.quit()
+        self.store.transition(State.DELETED, [{"id": r.id} for r in due])
+        self.counters.add("deleted", len(due))
+
+    # --- dry run -----------------------------------------------------------------
+
+    def _dry_report(self, listing, rows, pending) -> None:
+        size = sum(r.size for r in pending)
+        present = [rows[m.key] for m in listing]
+        due = safety.due(present, self.store.clock(), self.job.delete_after_verify,
+                         self.job.leave_on_server_days)
+        self.counters.add("would_copy", len(pending))
+        self.counters.add("would_delete", len(due))
+        line = (f"folder 'INBOX' (POP3): {len(listing)} messages on the server "
+                f"({sum(m.size for m in listing) / 1e6:.1f} MB), {len(pending)} to archive "
+                f"({size / 1e6:.1f} MB)")
+        if self.job.delete_after_verify:
+            line += f", {len(due)} verified to delete (+{len(pending)} once archived)"
+        elif self.job.leave_on_server_days is not None:
+            line += (f", {len(due)} archived more than {self.job.leave_on_server_days} days "
+                     "ago to delete")
+        else:
+            line += ", nothing will be deleted (mail stays on the server)"
+        self.result.plan.append(line)
+        try:
+            safety.check_cap(self.job.name, len(due) + (len(pending) if
+                             self.job.delete_after_verify else 0), self.options.max_delete)
+        except SafetyError as exc:
+            self.result.plan.append(f"deletion would be refused: {exc}")
+

@@ -183,6 +183,7 @@ class MessageRow:
     destination_path: str | None
     verified_at: dt.datetime | None
     attempts: int
+    first_seen_at: dt.datetime | None = None
 
 
 RUN_COUNTERS = ("folders", "copied", "skipped", "flags_updated", "deleted", "failed",
@@ -524,7 +525,8 @@ def _message_row(r) -> MessageRow:
         message_id=r.message_id, sha256=r.sha256, flags=flags_from_text(r.flags),
         state=State(r.state), destination_uidvalidity=r.destination_uidvalidity,
         destination_uid=r.destination_uid,
-        destination_path=r.destination_path, verified_at=r.verified_at, attempts=r.attempts)
+        destination_path=r.destination_path, verified_at=r.verified_at, attempts=r.attempts,
+        first_seen_at=r.first_seen_at)
 
 
 def _make_engine(url: str) -> Engine:

@@ -1,0 +1,219 @@
+"""POP3 source on top of stdlib poplib: TLS, CAPA/UIDL, streamed RETR, DELE + QUIT.
+
+RETR is streamed line by line into a sink (the archive writer), undoing dot-stuffing on
+the way, so a 50 MB message never sits in memory.  Deletion follows RFC 1939: DELE only
+marks; the server removes the messages when QUIT succeeds.  A dropped connection before
+QUIT deletes nothing.
+"""
+
+from __future__ import annotations
+
+import poplib
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import Endpoint
+from ..errors import ConnectionLost, MailboxError, MessageError
+from .tls import describe_tls_failure, ssl_context
+
+# A hostile or broken server must not make us buffer an endless "line".
+MAX_LINE = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Pop3Message:
+    number: int  # message number, valid for this session only
+    key: str  # the UIDL, made unique within the listing
+    size: int
+
+
+def listing_keys(uidls: list[tuple[int, str]]) -> dict[int, str]:
+    """Message number → stable key.  Some servers repeat a UIDL; the repeats get a '#n'
+    suffix so that each message still has its own row."""
+    seen: dict[str, int] = {}
+    out = {}
+    for number, uidl in sorted(uidls):
+        n = seen.get(uidl, 0)
+        seen[uidl] = n + 1
+        out[number] = uidl if n == 0 else f"{uidl}#{n}"
+    return out
+
+
+class Pop3Session:
+    def __init__(self, endpoint: Endpoint, client: poplib.POP3):
+        self.endpoint = endpoint
+        self.client = client
+
+    @classmethod
+    def connect(cls, endpoint: Endpoint) -> Pop3Session:
+        where = f"{endpoint.host}:{endpoint.port}"
+        ctx = ssl_context(endpoint)
+        try:
+            if endpoint.security == "ssl":
+                client = poplib.POP3_SSL(endpoint.host, endpoint.port, context=ctx,
+                                         timeout=endpoint.timeout)
+            else:
+                client = poplib.POP3(endpoint.host, endpoint.port, timeout=endpoint.timeout)
+                if endpoint.security == "starttls":
+                    try:
+                        client.stls(ctx)
+                    except poplib.error_proto as exc:
+                        client.close()
+                        raise MailboxError(
+                            f"POP3 server {where} refused STLS ({_text(exc)}); use "
+                            "security = \"ssl\" on port 995") from None
+        except ssl.SSLError as exc:
+            raise describe_tls_failure(endpoint, exc) from None
+        except socket.gaierror as exc:
+            raise MailboxError(f"cannot resolve POP3 host {endpoint.host!r}: {exc.strerror}") \
+                from None
+        except (OSError, poplib.error_proto) as exc:
+            raise ConnectionLost(f"cannot connect to POP3 server {where}: {exc}") from None
+        try:
+            client.user(endpoint.username)
+            client.pass_(endpoint.password.reveal())
+        except poplib.error_proto as exc:
+            client.close()
+            raise MailboxError(
+                f"POP3 login as {endpoint.username} at {where} failed: {_text(exc)}; check "
+                "the username (usually the full email address) and the password") from None
+        except OSError as exc:
+            client.close()
+            raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \
+                from None
+        except BaseException:
+            client.close()
+            raise
+        return cls(endpoint, client)
+
+    def _lost(self, exc: BaseException) -> ConnectionLost:
+        return ConnectionLost(f"connection to POP3 server {self.endpoint.host}:"
+                              f"{self.endpoint.port} lost: {exc.__class__.__name__}: {exc}")
+
+    def require_uidl(self) -> None:
+        try:
+            caps = self.client.capa()
+        except poplib.error_proto:
+            caps = {}  # no CAPA: try UIDL itself below
+        except OSError as exc:
+            raise self._lost(exc) from None
+        if "UIDL" in caps:
+            return
+        try:
+            self.client.uidl()
+        except poplib.error_proto:
+            raise MailboxError(
+                f"POP3 server {self.endpoint.host} does not support UIDL: without stable "
+                "message ids a resumable archive is impossible (every run would download "
+                "everything again, and deletion could hit the wrong message). Use IMAP "
+                "(an imap-copy job) for this mailbox if the server offers it") from None
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def list_messages(self) -> list[Pop3Message]:
+        try:
+            _resp, uidl_lines, _ = self.client.uidl()
+            _resp, size_lines, _ = self.client.list()
+        except poplib.error_proto as exc:
+            raise MailboxError(f"POP3 UIDL/LIST failed: {_text(exc)}") from None
+        except OSError as exc:
+            raise self._lost(exc) from None
+        uidls = []
+        for line in uidl_lines:
+            num, _, uidl = line.decode("ascii", "replace").partition(" ")
+            uidls.append((int(num), uidl.strip()))
+        sizes = {}
+        for line in size_lines:
+            num, _, size = line.decode("ascii", "replace").partition(" ")
+            sizes[int(num)] = int(size.split()[0])
+        keys = listing_keys(uidls)
+        return [Pop3Message(n, keys[n], sizes.get(n, 0)) for n in sorted(keys)]
+
+    def retrieve(self, number: int, write: Callable[[bytes], object]) -> int:
+        """RETR ``number``, passing the message bytes (CRLF lines, dot-unstuffed) to
+        ``write`` as they arrive.  Returns the number of bytes passed on."""
+        c = self.client
+        try:
+            c._putcmd(f"RETR {number}")
+            resp = c._getresp()
+            if not resp.startswith(b"+"):
+                raise MessageError(f"POP3 RETR {number} refused: {_text(resp)}")
+            failure: BaseException | None = None
+
+            def deliver(chunk: bytes) -> None:
+                # If the sink fails (disk full), keep reading to the end of the message so
+                # the connection stays in step for the next one; raise afterwards.
+                nonlocal failure
+                if failure is None:
+                    try:
+                        write(chunk)
+                    except Exception as exc:  # noqa: BLE001 - re-raised below
+                        failure = exc
+            total = 0
+            f = c.file
+            pending: list[bytes] = []  # lines handed on in ~256 KB pieces, not one by one
+            pending_size = 0
+            while True:
+                line = f.readline(MAX_LINE + 1)
+                if not line:
+                    raise EOFError("connection closed in the middle of a message")
+                if len(line) > MAX_LINE:
+                    raise MailboxError(f"POP3 message {number}: a line longer than "
+                                       f"{MAX_LINE} bytes; refusing to buffer it")
+                if line in (b".\r\n", b".\n"):
+                    if pending:
+                        deliver(b"".join(pending))
+                    if failure is not None:
+                        raise failure
+                    return total
+                if line.startswith(b".."):
+                    line = line[1:]  # RFC 1939 byte-stuffing
+                if not line.endswith(b"\r\n"):
+                    line = line.rstrip(b"\r\n") + b"\r\n"
+                pending.append(line)
+                pending_size += len(line)
+                total += len(line)
+                if pending_size >= 256 * 1024:
+                    deliver(b"".join(pending))
+                    pending, pending_size = [], 0
+        except poplib.error_proto as exc:
+            raise MessageError(f"POP3 RETR {number} failed: {_text(exc)}") from None
+        except (OSError, EOFError) as exc:
+            raise self._lost(exc) from None
+
+    def mark_deleted(self, number: int) -> None:
+        try:
+            self.client.dele(number)
+        except poplib.error_proto as exc:
+            raise MailboxError(f"POP3 DELE {number} refused: {_text(exc)}") from None
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def quit(self) -> None:
+        """QUIT: commits DELEs.  Raises ConnectionLost if the server did not confirm."""
+        try:
+            resp = self.client.quit()
+        except poplib.error_proto as exc:
+            raise MailboxError(f"POP3 QUIT failed, deletions not committed: {_text(exc)}") \
+                from None
+        except OSError as exc:
+            raise self._lost(exc) from None
+        if not resp.startswith(b"+OK"):
+            raise MailboxError(f"POP3 QUIT not confirmed: {_text(resp)}")
+
+    def close(self) -> None:
+        """Drop the connection WITHOUT QUIT: nothing marked with DELE is deleted."""
+        try:
+            self.client.close()
+        except OSError:
+            pass
+
+
+def _text(value) -> str:
+    if isinstance(value, BaseException) and value.args:
+        value = value.args[0]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
