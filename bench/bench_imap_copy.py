@@ -1,6 +1,7 @@
-"""Benchmark imap-copy: a Dovecot pair on loopback TLS, a filled source, one timed run.
+"""Benchmark a job: a Dovecot pair on loopback TLS, a filled source, one timed run.
 
     .venv/bin/python bench/bench_imap_copy.py --messages 2000 --mb 115 --folders 8
+    .venv/bin/python bench/bench_imap_copy.py --kind pop3-archive --folders 1
 
 Prints messages/s, MB/s and the peak RSS of the mailmigrate process (the copy runs as a
 child process so the filling does not count), then a second, unchanged re-run's time.
@@ -9,6 +10,7 @@ child process so the filling does not count), then a second, unchanged re-run's 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import subprocess
 import sys
@@ -64,6 +66,7 @@ def main() -> int:
     ap.add_argument("--mb", type=float, default=115)
     ap.add_argument("--folders", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--kind", default="imap-copy", choices=("imap-copy", "pop3-archive"))
     ap.add_argument("--extra", default="", help="extra arguments for mailmigrate run")
     args = ap.parse_args()
 
@@ -91,7 +94,12 @@ def main() -> int:
               f"({time.monotonic() - t:.1f} s)")
 
         work = Path(tempfile.mkdtemp(prefix="mailmigrate-bench-"))
-        path = write_config(work / "config.toml", [imap_job("bench", src, dst)])
+        if args.kind == "imap-copy":
+            job = imap_job("bench", src, dst)
+        else:
+            job = {"name": "bench", "kind": "pop3-archive", "source": src.endpoint_toml("pop3"),
+                   "archive": {"path": str(work / "archive")}}
+        path = write_config(work / "config.toml", [job])
         cmd = [sys.executable, "-m", "migrate", "run", "-c", str(path), "--no-progress", *args.extra.split()]
         # Peak RSS measured inside the child from VmHWM: ru_maxrss survives exec() on
         # Linux and would report this (large) benchmark process instead.
@@ -101,15 +109,20 @@ def main() -> int:
                  "if l.startswith('VmHWM')][0].split()[1]\n"
                  "    print('peak_rss_kb', hwm, file=sys.stderr)")
         cmd = [sys.executable, "-c", probe, *cmd[3:]]
+        if os.environ.get("BENCH_CHILD"):  # e.g. a profiling wrapper
+            cmd = [sys.executable, os.environ["BENCH_CHILD"], *cmd[3:]]
         t = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         elapsed = time.monotonic() - t
-        peak_kb = int(proc.stderr.split("peak_rss_kb")[-1].split()[0])
+        if os.environ.get("BENCH_CHILD"):
+            print(proc.stderr)
+        peak_kb = int(proc.stderr.split("peak_rss_kb")[-1].split()[0]) \
+            if "peak_rss_kb" in proc.stderr else 0
         print(proc.stdout.strip())
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             return 1
-        print(f"copy with verification: {len(msgs) / elapsed:.0f} msgs/s, "
+        print(f"{args.kind} with verification: {len(msgs) / elapsed:.0f} msgs/s, "
               f"{total / 1e6 / elapsed:.1f} MB/s, {elapsed:.2f} s wall (process incl. "
               f"start-up), peak RSS {peak_kb / 1024:.0f} MB")
         t = time.monotonic()

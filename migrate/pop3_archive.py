@@ -67,9 +67,8 @@ class Pop3Archive:
                 session.close()
                 return
             progress.grow(len(pending))
-            for row in pending:
-                self._archive_one(session, by_key[row.source_key], row)
-                progress.advance(1)
+            for batch in self._batches(pending):
+                self._archive_batch(session, by_key, batch, progress)
             self._delete(session, by_key)
         except BaseException:
             session.close()  # never QUIT on an error path: no half-done deletion commits
@@ -107,45 +106,78 @@ class Pop3Archive:
 
     # --- archiving ---------------------------------------------------------------
 
-    def _archive_one(self, session: Pop3Session, msg: Pop3Message, row: MessageRow) -> None:
-        epoch = int((row.first_seen_at or self.store.clock()).timestamp())
-        name = self.archive.name_for(self.job.name, row.source_key, epoch)
-        if row.state != State.APPENDING:
-            self.store.transition(State.APPENDING, [{"id": row.id,
-                                                     "destination_path": f"new/{name}"}])
+    def _batches(self, rows: list[MessageRow]):
+        batch, size = [], 0
+        for r in rows:
+            if batch and (size + r.size > self.options.batch_bytes * 2
+                          or len(batch) >= self.options.batch_messages):
+                yield batch
+                batch, size = [], 0
+            batch.append(r)
+            size += r.size
+        if batch:
+            yield batch
+
+    def _archive_batch(self, session: Pop3Session, by_key: dict[str, Pop3Message],
+                       rows: list[MessageRow], progress: Progress) -> None:
+        """One transaction for the intents, one for the outcomes: per message only the
+        RETR, the file and its fsync."""
+        names = {}
+        for row in rows:
+            epoch = int((row.first_seen_at or self.store.clock()).timestamp())
+            names[row.id] = self.archive.name_for(self.job.name, row.source_key, epoch)
+        self.store.transition(State.APPENDING, [
+            {"id": r.id, "destination_path": f"new/{names[r.id]}"} for r in rows
+            if r.state != State.APPENDING])
         faults.checkpoint("after-intent")
-        try:
-            writer = self.archive.writer(name)
+        stored, failed = [], []
+        for row in rows:
+            msg = by_key[row.source_key]
             try:
-                received = session.retrieve(msg.number, writer.write)
-            except BaseException:
-                writer.abort()
-                raise
-            written = writer.commit()
-            faults.checkpoint("archive-written")
-            if received != written.size:
-                raise ArchiveWriteError(f"received {received} bytes but stored {written.size}")
-            if msg.size and written.size != msg.size:
-                raise ArchiveWriteError(
-                    f"server announced {msg.size} bytes (LIST) but sent {written.size}; the "
-                    "download is incomplete or the server miscounts; not verified")
-            self.archive.verify(written.relpath, written.size, written.sha256)
-        except MessageError as exc:  # this message only; the connection is in sync
-            self.store.transition(State.FAILED, [{"id": row.id, "last_error": str(exc)}],
-                                  bump_attempts=True)
-            self.counters.add("failed")
-            self.result.errors.append(f"message {row.source_key} ({msg.size} bytes): {exc}; "
-                                      "it stays on the server")
-            return
+                written = self._retrieve_to_file(session, msg, names[row.id])
+                stored.append((row, written))
+                faults.checkpoint("message-written")
+            except MessageError as exc:  # this message only; the connection is in sync
+                failed.append({"id": row.id, "last_error": str(exc)})
+                self.result.errors.append(f"message {row.source_key} ({msg.size} bytes): "
+                                          f"{exc}; it stays on the server")
+            progress.advance(1)
+        self.archive.sync()
+        faults.checkpoint("archive-written")
+        verified = []
+        for row, written in stored:
+            try:
+                self.archive.verify(written.relpath, written.size, written.sha256)
+                verified.append((row, written))
+            except MessageError as exc:
+                failed.append({"id": row.id, "last_error": str(exc)})
+                self.result.errors.append(f"message {row.source_key}: {exc}; it stays on "
+                                          "the server")
         self.store.apply([
-            (State.COPIED, [{"id": row.id, "sha256": written.sha256,
-                             "destination_path": written.relpath, "last_error": None}], False),
-            (State.VERIFIED, [{"id": row.id}], False),
+            (State.COPIED, [{"id": r.id, "sha256": w.sha256, "destination_path": w.relpath,
+                             "last_error": None} for r, w in verified], False),
+            (State.VERIFIED, [{"id": r.id} for r, _ in verified], False),
+            (State.FAILED, failed, True),
         ])
-        row.state = State.VERIFIED
-        row.verified_at = self.store.clock()
-        self.counters.add("copied")
-        self.counters.add("bytes", written.size)
+        self.counters.add("copied", len(verified))
+        self.counters.add("bytes", sum(w.size for _, w in verified))
+        self.counters.add("failed", len(failed))
+
+    def _retrieve_to_file(self, session: Pop3Session, msg: Pop3Message, name: str):
+        writer = self.archive.writer(name)
+        try:
+            received = session.retrieve(msg.number, writer.write)
+        except BaseException:
+            writer.abort()
+            raise
+        written = writer.commit(sync_dir=False)
+        if received != written.size:
+            raise ArchiveWriteError(f"received {received} bytes but stored {written.size}")
+        if msg.size and written.size != msg.size:
+            raise ArchiveWriteError(
+                f"server announced {msg.size} bytes (LIST) but sent {written.size}; the "
+                "download is incomplete or the server miscounts; not verified")
+        return written
 
     # --- deletion ----------------------------------------------------------------
 

@@ -182,17 +182,19 @@ def test_leave_on_server_days(filled, old_account, tmp_path):
     assert len(archive_files(tmp_path / "arch")) == len(filled) + 1
 
 
-@pytest.mark.parametrize("point", ["after-intent:3", "archive-written:5"])
+@pytest.mark.parametrize("point", ["after-intent:1", "message-written:5",
+                                   "archive-written:1"])
 def test_kill_9_mid_pull_then_rerun_archives_each_once(point, filled, old_account,
                                                        tmp_path):
     reference = server_bodies(old_account)
     path = write_config(tmp_path / "c.toml", [pop_job(old_account, tmp_path / "arch")])
-    proc = run_cli("run", "-c", str(path), "--no-progress",
+    proc = run_cli("run", "-c", str(path), "--no-progress", "--batch-messages", "10",
                    env={"MAILMIGRATE_CRASH_AT": point})
     assert proc.returncode == -9
     proc = run_cli("run", "-c", str(path), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert hashes(archive_files(tmp_path / "arch")) == reference
+    assert os.listdir(tmp_path / "arch" / "tmp") == []
 
 
 def test_dry_run_lists_and_touches_nothing(filled, old_account, tmp_path):
@@ -246,3 +248,81 @@ def test_vanished_pop3_messages_are_reported(filled, old_account, tmp_path):
     result = run(path)
     assert result.counts["vanished"] == 3
     assert any("3 messages vanished from the server" in w for w in result.warnings)
+
+
+def test_connection_cut_mid_retr_reconnects_and_finishes(filled, old_account, tmp_path):
+    from tests.rig.proxy import CuttingProxy
+
+    reference = server_bodies(old_account)
+    proxy = CuttingProxy(old_account.server.ports["pop3s"], 1_000_000, "down", cuts=2)
+    try:
+        job = pop_job(old_account, tmp_path / "arch", delete_after_verify=True)
+        job["source"]["port"] = proxy.port
+        result = run(write_config(tmp_path / "c.toml", [job]))
+        assert proxy.cuts_done == 2, "the proxy never cut: the test exercised nothing"
+    finally:
+        proxy.close()
+    assert result.ok, result.errors
+    assert hashes(archive_files(tmp_path / "arch")) == reference
+    assert server_bodies(old_account) == collections.Counter()
+
+
+def test_large_message_is_streamed_not_buffered(old_account, tmp_path):
+    import tracemalloc
+
+    body, _ = mailgen.make_message(random.Random(50), 1, size=20_000_000, attachment=True)
+    mailgen.fill(old_account, [mailgen.TestMessage("INBOX", body, (),
+                                                   mailgen.realistic_mailbox(count=1)[0].date)])
+    path = write_config(tmp_path / "c.toml", [pop_job(old_account, tmp_path / "arch")])
+    tracemalloc.start()
+    try:
+        result = run(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.ok, result.errors
+    assert archive_files(tmp_path / "arch") == [body]
+    assert peak < 8_000_000, f"peak Python allocations {peak / 1e6:.1f} MB for a 20 MB message"
+
+
+def test_server_without_uidl_is_refused_clearly(tmp_path):
+    """A fake POP3 server (plaintext, loopback) that lacks UIDL."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        f = conn.makefile("rwb")
+        f.write(b"+OK fake POP3\r\n")
+        f.flush()
+        for line in f:
+            cmd = line.split()[0].upper() if line.strip() else b""
+            if cmd == b"CAPA":
+                f.write(b"+OK\r\nUSER\r\n.\r\n")
+            elif cmd in (b"USER", b"PASS"):
+                f.write(b"+OK\r\n")
+            elif cmd == b"QUIT":
+                f.write(b"+OK bye\r\n")
+                f.flush()
+                break
+            else:
+                f.write(b"-ERR unknown command\r\n")
+            f.flush()
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    job = {"name": "legacy", "kind": "pop3-archive",
+           "source": {"host": "127.0.0.1", "port": listener.getsockname()[1],
+                      "security": "none", "allow_insecure": True,
+                      "username": "old@legacy.test", "password": "pw"},
+           "archive": {"path": str(tmp_path / "arch")}}
+    proc = run_cli("run", "-c", str(write_config(tmp_path / "c.toml", [job])))
+    listener.close()
+    assert proc.returncode == 1
+    assert "does not support UIDL: without stable message ids a resumable archive is " \
+           "impossible" in proc.stderr
+    assert "Traceback" not in proc.stderr

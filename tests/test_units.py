@@ -110,3 +110,55 @@ def test_parse_body_fetch_finds_uid_before_or_after_the_literal():
         (b"4 (UID 13 BODY[HEADER] {1}", b"h"), b")",  # another section: ignored
     ]
     assert parse_body_fetch(data) == {10: b"abc", 11: b"xy"}
+
+
+@pytest.mark.parametrize("buffer_size", [1, 2, 3, 5, 7, 64, 4096])
+def test_pop3_multiline_reader_unstuffs_across_block_boundaries(buffer_size):
+    import io
+    import random
+
+    from migrate.endpoints.pop3 import _read_multiline
+
+    rng = random.Random(buffer_size)
+    lines = [b"From: a@b", b"", b".", b"..two", b".leading dot", b"x" * 300, b"", b"."]
+    lines += [bytes(rng.choice(b".ab\r") for _ in range(rng.randrange(6))).replace(b"\r", b"")
+              for _ in range(200)]
+    message = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                       for line in lines)
+    wire = stuffed + b".\r\n+OK next response\r\n"
+    reader = io.BufferedReader(io.BytesIO(wire), buffer_size=buffer_size)
+    got = []
+    assert _read_multiline(reader, got.append, lambda: None) == len(message)
+    assert b"".join(got) == message
+    assert reader.read() == b"+OK next response\r\n"  # not a byte of the next response
+
+
+def test_pop3_multiline_reader_empty_message_and_eof():
+    import io
+
+    from migrate.endpoints.pop3 import _read_multiline
+
+    got = []
+    assert _read_multiline(io.BufferedReader(io.BytesIO(b".\r\n")), got.append,
+                           lambda: None) == 0
+    assert got == []
+    with pytest.raises(EOFError):
+        _read_multiline(io.BufferedReader(io.BytesIO(b"abc\r\n")), got.append, lambda: None)
+
+
+def test_pop3_duplicate_uidls_get_distinct_keys():
+    from migrate.endpoints.pop3 import listing_keys
+
+    assert listing_keys([(1, "a"), (2, "b"), (3, "a"), (4, "a")]) == \
+        {1: "a", 2: "b", 3: "a#1", 4: "a#2"}
+
+
+def test_maildir_names_cannot_be_steered(tmp_path):
+    from migrate.endpoints.maildir import MaildirArchive
+
+    archive = MaildirArchive(tmp_path)
+    name = archive.name_for("job", "../../etc/passwd:2,S", 1700000000)
+    assert "/" not in name and ":" not in name and name.startswith("1700000000.M")
+    assert name == archive.name_for("job", "../../etc/passwd:2,S", 1700000000)  # stable
+    assert name != archive.name_for("other-job", "../../etc/passwd:2,S", 1700000000)

@@ -53,6 +53,13 @@ class MaildirArchive:
     def writer(self, name: str) -> _MessageWriter:
         return _MessageWriter(self.root, name)
 
+    def sync(self) -> None:
+        """Make renames into new/ durable (one directory fsync for a batch)."""
+        try:
+            _fsync_dir(self.root / "new")
+        except OSError as exc:
+            raise MailboxError(f"cannot fsync {self.root / 'new'}: {exc.strerror}") from None
+
     def verify(self, relpath: str, size: int, sha256: str) -> None:
         """Re-read the stored file and compare it with what was received."""
         path = self.root / relpath
@@ -99,14 +106,17 @@ class _MessageWriter:
             self.abort()
             raise ArchiveWriteError(f"writing {self.tmp} failed: {exc.strerror}") from None
 
-    def commit(self) -> Written:
+    def commit(self, sync_dir: bool = True) -> Written:
+        """fsync the file and rename it into new/.  With sync_dir=False the caller
+        fsyncs new/ once for a batch (MaildirArchive.sync) before relying on it."""
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
             final = self.root / "new" / self.name
             os.replace(self.tmp, final)
-            _fsync_dir(final.parent)
+            if sync_dir:
+                _fsync_dir(final.parent)
         except OSError as exc:
             self.abort()
             raise ArchiveWriteError(f"storing {self.name} failed: {exc.strerror}") from None
