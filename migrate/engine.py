@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from .config import IMAP_COPY, Config, Job
 from .errors import EXIT_FAILED, EXIT_OK, MigrateError, SafetyError
-from .store import Store
+from .states import State
+from .store import MessageRow, Store
 
 log = logging.getLogger("migrate")
 
@@ -53,6 +54,17 @@ class JobResult:
 
     def summary_line(self) -> str:
         c = self.counts
+        if self.dry_run:
+            verb = "archive" if self.kind != IMAP_COPY else "copy"
+            line = (f"{self.job} (dry run): would {verb} {c.get('would_copy', 0)} messages "
+                    f"({c.get('would_copy_bytes', 0) / 1e6:.1f} MB)")
+            if self.kind == IMAP_COPY:
+                line += (f" in {c.get('folders', 0)} folders, update flags on "
+                         f"{c.get('flags_updated', 0)}")
+            line += f", delete {c.get('would_delete', 0)} now verified"
+            if c.get("vanished"):
+                line += f"; {c['vanished']} vanished since the last run"
+            return line + "; nothing was changed"
         mb = c.get("bytes", 0) / 1e6
         secs = max(self.elapsed, 1e-6)
         rate = c.get("copied", 0) / secs
@@ -109,6 +121,49 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class JobRunner:
+    """What both jobs share: their context, error/warning collection, and what to make
+    of messages that are no longer at the source."""
+
+    def __init__(self, job: Job, store: Store, job_id: int | None, options: RunOptions,
+                 counters: Counters, result: JobResult):
+        self.job = job
+        self.store = store
+        self.job_id = job_id
+        self.options = options
+        self.counters = counters
+        self.result = result
+        self.dry = options.dry_run
+        self._lock = threading.Lock()
+
+    def error(self, text: str) -> None:
+        with self._lock:
+            self.result.errors.append(text)
+        log.error("%s: %s", self.job.name, text)
+
+    def warn(self, text: str) -> None:
+        with self._lock:
+            self.result.warnings.append(text)
+        log.warning("%s: %s", self.job.name, text)
+
+    def settle_missing(self, missing: Sequence[MessageRow]) -> int:
+        """Messages gone from the source: a ``deleting`` one was deleted by us (the
+        EXPUNGE/QUIT went through before a crash or drop); any other has *vanished*:
+        someone else deleted it.  Returns how many vanished."""
+        ours = [r for r in missing if r.state == State.DELETING]
+        theirs = [r for r in missing if r.state in (State.SEEN, State.APPENDING, State.COPIED,
+                                                    State.VERIFIED, State.FAILED)]
+        if not self.dry:
+            self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
+                              (State.VANISHED, [{"id": r.id} for r in theirs], False)])
+            for r in ours:
+                r.state = State.DELETED
+            for r in theirs:
+                r.state = State.VANISHED
+        self.counters.add("vanished", len(theirs))
+        return len(theirs)
 
 
 def retrying(options: RunOptions) -> Retrying:

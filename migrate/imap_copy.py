@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from . import faults, safety
 from .config import Job
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
-from .engine import Counters, JobResult, Progress, RunOptions, retrying
+from .engine import JobRunner, Progress, RunOptions, retrying
 from .errors import FolderError, MailboxError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State
-from .store import MessageRow, Store
+from .store import MessageRow
 
 log = logging.getLogger("migrate.imap_copy")
 
@@ -94,17 +94,7 @@ class SessionPool:
             self.discard(pair)
 
 
-class ImapCopy:
-    def __init__(self, job: Job, store: Store, job_id: int | None, options: RunOptions,
-                 counters: Counters, result: JobResult):
-        self.job = job
-        self.store = store
-        self.job_id = job_id
-        self.options = options
-        self.counters = counters
-        self.result = result
-        self.dry = options.dry_run
-        self._lock = threading.Lock()
+class ImapCopy(JobRunner):
 
     # --- the run -----------------------------------------------------------------
 
@@ -159,20 +149,10 @@ class ImapCopy:
             retrying(self.options)(attempt)
         except (FolderError, MailboxError) as exc:
             fr.error = str(exc)
-            self._error(f"folder {fr.plan.source!r}: {exc}")
+            self.error(f"folder {fr.plan.source!r}: {exc}")
         except MigrateError as exc:
             fr.error = str(exc)
-            self._error(f"folder {fr.plan.source!r}: {exc}")
-
-    def _error(self, text: str) -> None:
-        with self._lock:
-            self.result.errors.append(text)
-        log.error("%s: %s", self.job.name, text)
-
-    def _warn(self, text: str) -> None:
-        with self._lock:
-            self.result.warnings.append(text)
-        log.warning("%s: %s", self.job.name, text)
+            self.error(f"folder {fr.plan.source!r}: {exc}")
 
     # --- one folder --------------------------------------------------------------
 
@@ -188,7 +168,7 @@ class ImapCopy:
         dsel = self._select_destination(dst, plan)
         frow = self.store.folder(self.job_id, plan.source) if self.job_id else None
         if frow and frow.uidvalidity not in (None, sel.uidvalidity):
-            self._warn(f"folder {plan.source!r}: UIDVALIDITY changed ({frow.uidvalidity} → "
+            self.warn(f"folder {plan.source!r}: UIDVALIDITY changed ({frow.uidvalidity} → "
                        f"{sel.uidvalidity}); reconciling by Message-ID, size and content "
                        "hash instead of copying again")
         if not self.dry:
@@ -208,6 +188,12 @@ class ImapCopy:
                 rows.setdefault(source_key(sel.uidvalidity, m.uid), _fresh_row(m))
 
         self._reconcile_vanished(plan, rows, by_uid)
+        if not self.dry and not self.job.delete_after_verify:
+            # left "deleting" by a run with deletion on; deletion is off now: keep them
+            undo = [r for r in rows.values() if r.state == State.DELETING]
+            self.store.transition(State.VERIFIED, [{"id": r.id} for r in undo])
+            for r in undo:
+                r.state = State.VERIFIED
         pending = sorted((r for r in rows.values() if r.source_uid in by_uid
                           and r.state in (State.SEEN, State.APPENDING, State.FAILED)),
                          key=lambda r: r.source_uid)
@@ -224,6 +210,8 @@ class ImapCopy:
         if pending:
             self._copy_pending(src, dst, plan, dsel, pending, by_uid, rows, progress)
         self._sync_flags(dst, plan, dsel, rows, by_uid)
+        log.info("%s: folder %r → %r: %d messages at the source, %d pending this run",
+                 self.job.name, plan.source, plan.destination, len(metas), len(pending))
 
     def _select_destination(self, dst: ImapSession, plan: FolderPlan) -> SelectInfo | None:
         if self.dry and plan.create:
@@ -231,20 +219,10 @@ class ImapCopy:
         return dst.select(plan.destination, readonly=self.dry)
 
     def _reconcile_vanished(self, plan, rows: dict[str, MessageRow], by_uid) -> None:
-        gone = [r for r in rows.values() if r.source_uid not in by_uid]
-        ours = [r for r in gone if r.state == State.DELETING]
-        theirs = [r for r in gone if r.state in (State.SEEN, State.APPENDING, State.COPIED,
-                                                 State.VERIFIED, State.FAILED)]
-        if not self.dry:
-            # Our own deletion finished after the crash/drop that left them "deleting".
-            self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
-                              (State.VANISHED, [{"id": r.id} for r in theirs], False)])
-            for r in ours + theirs:
-                r.state = State.DELETED if r in ours else State.VANISHED
-        if theirs:
-            self.counters.add("vanished", len(theirs))
-            self._warn(
-                f"folder {plan.source!r}: {len(theirs)} messages vanished from the source "
+        vanished = self.settle_missing([r for r in rows.values() if r.source_uid not in by_uid])
+        if vanished:
+            self.warn(
+                f"folder {plan.source!r}: {vanished} messages vanished from the source "
                 "since the last run without mailmigrate deleting them; another client "
                 "(often a POP3 client) is deleting mail from this mailbox")
 
@@ -325,8 +303,8 @@ class ImapCopy:
         uidnext_before = dsel.uidnext
         outcome = dst.append(plan.destination, items)
         faults.checkpoint("after-append")
-        appended = {r.id: u for r, u in zip(rows, outcome) if not isinstance(u, Exception)}
-        rejected = [(r, u) for r, u in zip(rows, outcome) if isinstance(u, Exception)]
+        appended = {r.id: u for r, u in zip(rows, outcome, strict=True) if not isinstance(u, Exception)}
+        rejected = [(r, u) for r, u in zip(rows, outcome, strict=True) if isinstance(u, Exception)]
 
         unknown = [r for r in rows if r.id in appended and appended[r.id] is None]
         if unknown:  # no APPENDUID: find the new copies by size + sha256 (search)
@@ -365,7 +343,7 @@ class ImapCopy:
                                f"{(copied_back.get(uid) or 'nothing')[:12]}… found)"})
         for r, exc in rejected:
             failed.append({"id": r.id, "last_error": str(exc)})
-            self._error(f"folder {plan.source!r}: message UID {r.source_uid} "
+            self.error(f"folder {plan.source!r}: message UID {r.source_uid} "
                         f"({r.size} bytes, {r.message_id or 'no Message-ID'}): {exc}")
         failed_ids = {f["id"] for f in failed}
         self.store.apply([
@@ -375,7 +353,7 @@ class ImapCopy:
         ])
         for f in failed:
             if not any(f["id"] == r.id for r, _ in rejected):
-                self._error(f"folder {plan.source!r}: {f['last_error']}")
+                self.error(f"folder {plan.source!r}: {f['last_error']}")
         self.counters.add("copied", len(verified))
         self.counters.add("failed", len(failed_ids))
         self.counters.add("bytes", sum(r.size for r in rows if any(
@@ -437,7 +415,7 @@ class ImapCopy:
             self.counters.add("would_delete", deletable)
         self.counters.add("would_copy", len(pending))
         self.counters.add("would_copy_bytes", size)
-        self.counters.add("flags_updated", 0)
+        self.counters.add("flags_updated", flag_changes)
         line = (f"folder {plan.source!r} → {plan.destination!r}: {len(pending)} to copy "
                 f"({size / 1e6:.1f} MB)")
         if maybe_dupes:
@@ -474,7 +452,7 @@ class ImapCopy:
         try:
             safety.check_cap(self.job.name, total, self.options.max_delete)
         except SafetyError as exc:
-            self._error(str(exc))
+            self.error(str(exc))
             return
         if not work:
             return
@@ -513,7 +491,7 @@ class ImapCopy:
             try:
                 retrying(self.options)(attempt, fr, candidates)
             except MigrateError as exc:
-                self._error(f"folder {fr.plan.source!r}: deletion: {exc}")
+                self.error(f"folder {fr.plan.source!r}: deletion: {exc}")
 
 
 def _fresh_row(m: MessageMeta) -> MessageRow:

@@ -16,7 +16,7 @@ from . import faults, safety
 from .config import Job
 from .endpoints.maildir import ArchiveWriteError, MaildirArchive
 from .endpoints.pop3 import Pop3Message, Pop3Session
-from .engine import Counters, JobResult, Progress, RunOptions, retrying
+from .engine import Counters, JobResult, JobRunner, Progress, RunOptions, retrying
 from .errors import MessageError, SafetyError
 from .states import State
 from .store import MessageRow, Store
@@ -25,16 +25,10 @@ log = logging.getLogger("migrate.pop3_archive")
 FOLDER = "INBOX"  # POP3 has one mailbox; its rows live in one pseudo-folder
 
 
-class Pop3Archive:
+class Pop3Archive(JobRunner):
     def __init__(self, job: Job, store: Store, job_id: int | None, options: RunOptions,
                  counters: Counters, result: JobResult):
-        self.job = job
-        self.store = store
-        self.job_id = job_id
-        self.options = options
-        self.counters = counters
-        self.result = result
-        self.dry = options.dry_run
+        super().__init__(job, store, job_id, options, counters, result)
         self.archive = MaildirArchive(job.archive.path)
         self.folder_id: int | None = None
 
@@ -88,18 +82,10 @@ class Pop3Archive:
                 message_id=None, sha256=None, flags=frozenset(), state=State.SEEN,
                 destination_uidvalidity=None, destination_uid=None, destination_path=None,
                 verified_at=None, attempts=0))
-        gone = [r for k, r in rows.items() if k not in present]
-        ours = [r for r in gone if r.state == State.DELETING]
-        theirs = [r for r in gone if r.state in (State.SEEN, State.APPENDING, State.COPIED,
-                                                 State.VERIFIED, State.FAILED)]
-        if not self.dry:
-            # "deleting" + gone: the QUIT of an earlier run went through after all.
-            self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
-                              (State.VANISHED, [{"id": r.id} for r in theirs], False)])
-        if theirs:
-            self.counters.add("vanished", len(theirs))
-            self.result.warnings.append(
-                f"{len(theirs)} messages vanished from the server since the last run without "
+        vanished = self.settle_missing([r for k, r in rows.items() if k not in present])
+        if vanished:
+            self.warn(
+                f"{vanished} messages vanished from the server since the last run without "
                 "mailmigrate deleting them; another client is deleting mail from this "
                 "mailbox (use one protocol and one client per mailbox)")
         return rows
@@ -219,6 +205,7 @@ class Pop3Archive:
         due = safety.due(present, self.store.clock(), self.job.delete_after_verify,
                          self.job.leave_on_server_days)
         self.counters.add("would_copy", len(pending))
+        self.counters.add("would_copy_bytes", size)
         self.counters.add("would_delete", len(due))
         line = (f"folder 'INBOX' (POP3): {len(listing)} messages on the server "
                 f"({sum(m.size for m in listing) / 1e6:.1f} MB), {len(pending)} to archive "

@@ -183,7 +183,10 @@ def test_dry_run_changes_nothing(filled, old_account, new_account, config, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "would create folder 'Archive/2019' (from 'INBOX.Archive.2019')" in proc.stdout
     assert "folder 'INBOX' → 'INBOX': 10 to copy" in proc.stdout
-    assert "alice (dry run): " in proc.stdout
+    total_mb = sum(len(m.body) for m in filled) / 1e6
+    assert (f"alice (dry run): would copy {len(filled)} messages ({total_mb:.1f} MB) in 6 "
+            "folders, update flags on 0, delete 0 now verified; nothing was changed") \
+        in proc.stdout
     assert (mailgen.snapshot(old_account), mailgen.snapshot(new_account)) == before
     store = Store(f"sqlite:///{tmp_path / 'mailmigrate.db'}")
     assert store.find_job("alice") is None and store.bindings() == []

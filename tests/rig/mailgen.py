@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import random
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from imapclient import IMAPClient
 
