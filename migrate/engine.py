@@ -18,7 +18,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from tqdm import tqdm
 
 from .config import IMAP_COPY, Config, Job
-from .errors import EXIT_FAILED, EXIT_OK, MigrateError, SafetyError
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError, SafetyError
 from .states import State
 from .store import MessageRow, Store
 
@@ -47,6 +47,7 @@ class JobResult:
     warnings: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)  # dry run: what would happen
     elapsed: float = 0.0
+    exit_code: int = EXIT_OK  # raised to 2 when the job was refused (config, safety)
 
     @property
     def ok(self) -> bool:
@@ -54,6 +55,8 @@ class JobResult:
 
     def summary_line(self) -> str:
         c = self.counts
+        if self.exit_code == EXIT_REFUSED and not c:
+            return f"{self.job}: refused; nothing was done (see the error above)"
         if self.dry_run:
             verb = "archive" if self.kind != IMAP_COPY else "copy"
             line = (f"{self.job} (dry run): would {verb} {c.get('would_copy', 0)} messages "
@@ -197,13 +200,19 @@ def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
 
     result = JobResult(job.name, job.kind, options.dry_run)
     src = job.source
-    # Protocol binding first, before any connection: refusing here touches nothing.
-    if options.dry_run:
-        binding = store.get_binding(src.host, src.username)
-        if binding and binding.protocol != src.protocol:
-            store.bind_mailbox(src.host, src.username, src.protocol, job.name)  # raises
-    else:
-        store.bind_mailbox(src.host, src.username, src.protocol, job.name)
+    # Protocol binding first, before any connection: refusing here touches nothing, and
+    # the other jobs of the run still go ahead.
+    try:
+        if options.dry_run:
+            binding = store.get_binding(src.host, src.username)
+            if binding and binding.protocol != src.protocol:
+                store.bind_mailbox(src.host, src.username, src.protocol, job.name)  # raises
+        else:
+            store.bind_mailbox(src.host, src.username, src.protocol, job.name)
+    except SafetyError as exc:
+        result.errors.append(str(exc))
+        result.exit_code = exc.exit_code
+        return result
     # A dry run writes nothing to the state database: it only reads what earlier runs did.
     if options.dry_run:
         job_id, run_id = store.find_job(job.name), None
@@ -216,11 +225,9 @@ def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
     outcome = "ok"
     try:
         worker_cls(job, store, job_id, options, counters, result).run()
-    except SafetyError as exc:
+    except MigrateError as exc:  # ConfigError here: a password source that failed
         result.errors.append(str(exc))
-        outcome = "failed"
-    except MigrateError as exc:
-        result.errors.append(str(exc))
+        result.exit_code = max(result.exit_code, exc.exit_code)
         outcome = "failed"
     except BaseException as exc:
         outcome = "aborted"
@@ -238,4 +245,7 @@ def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
 
 
 def exit_code(results: Sequence[JobResult]) -> int:
-    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+    """2 if any job was refused, else 1 if anything failed, else 0."""
+    codes = [r.exit_code for r in results]
+    codes += [EXIT_OK if r.ok else EXIT_FAILED for r in results]
+    return max(codes, default=EXIT_OK)

@@ -326,3 +326,19 @@ def test_server_without_uidl_is_refused_clearly(tmp_path):
     assert "does not support UIDL: without stable message ids a resumable archive is " \
            "impossible" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_refused_job_does_not_stop_the_others(filled, old_account, new_account, tmp_path):
+    state = f"sqlite:///{tmp_path / 'shared.db'}"
+    imap_cfg = write_config(tmp_path / "imap.toml",
+                            [imap_job("alice-imap", old_account, new_account)], state)
+    assert run_cli("run", "-c", str(imap_cfg), "--no-progress").returncode == 0
+    both = write_config(tmp_path / "both.toml", [
+        pop_job(old_account, tmp_path / "arch", name="alice-pop"),
+        pop_job(new_account, tmp_path / "arch2", name="bob-pop")], state)
+    proc = run_cli("run", "-c", str(both), "--no-progress")
+    assert proc.returncode == 2
+    assert "alice-pop: refused; nothing was done" in proc.stdout
+    # the other job ran: it archived what the IMAP job had copied to new_account
+    assert f"bob-pop: {len(filled)} archived" in proc.stdout
+    assert (tmp_path / "arch2" / "new").is_dir()

@@ -120,7 +120,7 @@ def test_missing_password_env_fails_before_connecting(old_account, tmp_path):
     job["source"]["password_env"] = "MM_TEST_UNSET_VARIABLE"
     path = write_config(tmp_path / "c.toml", [job])
     proc = run_cli("run", "-c", str(path), env={"MM_TEST_UNSET_VARIABLE": ""})
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "password_env = 'MM_TEST_UNSET_VARIABLE' but that environment variable" in proc.stderr
     with pytest.raises(ConfigError):
         cfg.load(path).jobs[0].source.password.reveal()

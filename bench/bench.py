@@ -1,7 +1,7 @@
 """Benchmark a job: a Dovecot pair on loopback TLS, a filled source, one timed run.
 
-    .venv/bin/python bench/bench_imap_copy.py --messages 2000 --mb 115 --folders 8
-    .venv/bin/python bench/bench_imap_copy.py --kind pop3-archive --folders 1
+    .venv/bin/python bench/bench.py --messages 2000 --mb 115 --folders 8
+    .venv/bin/python bench/bench.py --kind pop3-archive --folders 1
 
 Prints messages/s, MB/s and the peak RSS of the mailmigrate process (the copy runs as a
 child process so the filling does not count), then a second, unchanged re-run's time.
