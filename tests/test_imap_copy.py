@@ -267,8 +267,12 @@ def test_kill_9_then_rerun_copies_each_message_exactly_once(point, hit, old_acco
     assert proc.returncode == -9, (proc.returncode, proc.stderr)
     proc = run_cli("run", "-c", str(path), "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    _, new = assert_copied(old_account, new_account)
-    assert sum(sum(c.values()) for c in new.values()) == len(msgs)
+    old = content(mailgen.snapshot(old_account))
+    new = content(mailgen.snapshot(new_account))
+    for src, dst in EXPECTED_NAMES.items():
+        assert new[dst] == old[src], (
+            f"{src} → {dst}: missing {old[src] - new[dst]}, extra {new[dst] - old[src]}; "
+            f"re-run said: {proc.stdout} {proc.stderr}")
 
 
 @pytest.mark.parametrize("point", ["before-expunge", "after-expunge"])
