@@ -194,19 +194,22 @@ class ImapCopy(JobRunner):
             self.store.transition(State.VERIFIED, [{"id": r.id} for r in undo])
             for r in undo:
                 r.state = State.VERIFIED
-        pending = sorted((r for r in rows.values() if r.source_uid in by_uid
-                          and r.state in (State.SEEN, State.APPENDING, State.FAILED)),
-                         key=lambda r: r.source_uid)
         unverified = [r for r in rows.values() if r.source_uid in by_uid
                       and r.state == State.COPIED]
-        progress.grow(len(pending) + len(unverified))
+        if unverified and not self.dry:
+            # appended by an earlier run that stopped before verifying; those that do
+            # not check out become failed and are copied again below
+            self._verify_copied(dst, dsel, unverified, progress)
+        pending = sorted((r for r in rows.values() if r.source_uid in by_uid
+                          and r.state in (State.SEEN, State.APPENDING, State.FAILED,
+                                          State.COPIED)),
+                         key=lambda r: r.source_uid)
+        progress.grow(len(pending))
 
         if self.dry:
             self._dry_report(plan, pending, rows, by_uid, dst, dsel)
             return
         assert dsel is not None
-        if unverified:
-            self._verify_copied(dst, dsel, unverified, progress)
         if pending:
             self._copy_pending(src, dst, plan, dsel, pending, by_uid, rows, progress)
         self._sync_flags(dst, plan, dsel, rows, by_uid)
@@ -372,10 +375,10 @@ class ImapCopy(JobRunner):
                for r in rows if r.id not in ok_ids]
         self.store.apply([(State.VERIFIED, ok, False), (State.FAILED, bad, True)])
         self.counters.add("copied", len(ok))
+        progress.grow(len(ok))
         progress.advance(len(ok))
-        for r in rows:  # failed ones go through the normal path in this run
-            if r.id not in ok_ids:
-                r.state = State.FAILED
+        for r in rows:
+            r.state = State.VERIFIED if r.id in ok_ids else State.FAILED
 
     # --- flags -------------------------------------------------------------------
 
