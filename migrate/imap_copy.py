@@ -23,7 +23,7 @@ from . import faults, safety
 from .config import Job
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
 from .engine import JobRunner, Progress, RunOptions, retrying
-from .errors import FolderError, MailboxError, MigrateError, SafetyError
+from .errors import FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State
 from .store import MessageRow
@@ -120,17 +120,24 @@ class ImapCopy(JobRunner):
     def _plan(self, src: ImapSession, dst: ImapSession) -> list[FolderPlan]:
         plans = plan_folders(src.list_folders(), src.delimiter, src.prefix,
                              dst.list_folders(), dst.delimiter, dst.prefix, self.job.folders)
-        created = set()
+        created: set[str] = set()
+        failed: set[str] = set()
         for p in plans:
-            if p.create and p.destination not in created:
-                created.add(p.destination)
+            if p.create and p.destination not in created | failed:
                 if self.dry:
                     self.result.plan.append(f"create folder {p.destination!r} "
                                             f"(from {p.source!r})")
-                else:
+                    created.add(p.destination)
+                    continue
+                try:
                     dst.create_folder(p.destination)
-                    log.info("%s: created folder %r", self.job.name, p.destination)
-        return plans
+                except FolderError as exc:  # this folder is skipped, the others go on
+                    failed.add(p.destination)
+                    self.error(f"folder {p.source!r}: {exc}")
+                    continue
+                created.add(p.destination)
+                log.info("%s: created folder %r", self.job.name, p.destination)
+        return [p for p in plans if p.destination not in failed]
 
     def _folder_with_retry(self, pool: SessionPool, fr: FolderRun, progress: Progress
                            ) -> None:
@@ -147,10 +154,7 @@ class ImapCopy(JobRunner):
             pool.give_back(pair)
         try:
             retrying(self.options)(attempt)
-        except (FolderError, MailboxError) as exc:
-            fr.error = str(exc)
-            self.error(f"folder {fr.plan.source!r}: {exc}")
-        except MigrateError as exc:
+        except MigrateError as exc:  # this folder failed; the others go on
             fr.error = str(exc)
             self.error(f"folder {fr.plan.source!r}: {exc}")
 

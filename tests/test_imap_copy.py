@@ -67,6 +67,11 @@ def test_full_copy_is_byte_identical_with_flags_and_dates(filled, old_account, n
     # keywords and 8-bit headers made it: spot-check the data itself
     all_flags = set().union(*(f for c in new.values() for (_, f, _) in c))
     assert {"$Label1", "project-x", "\\Flagged", "\\Answered", "\\Seen"} <= all_flags
+    # created folders are subscribed, so mail clients show them
+    client = mailgen.connect(new_account)
+    subscribed = {name for _f, _d, name in client.list_sub_folders()}
+    client.logout()
+    assert {"Archive/2019", "Entwürfe", "Projekte/Überblick"} <= subscribed
     # every message verified in the state database
     store = Store(f"sqlite:///{tmp_path / 'mailmigrate.db'}")
     states = collections.Counter()
@@ -291,3 +296,14 @@ def test_kill_9_during_deletion_loses_nothing(point, old_account, new_account, t
     new = mailgen.snapshot(new_account)
     assert sorted(m.sha256 for ms in new.values() for m in ms) == \
         sorted(m.sha256 for m in msgs)
+
+
+def test_folder_that_cannot_be_created_fails_alone(filled, old_account, new_account, config):
+    path = config(folders={"map": {"INBOX.Archive": "x" * 300}})  # longer than NAME_MAX
+    result = run(path)
+    assert not result.ok
+    assert any(e.startswith("folder 'INBOX.Archive': cannot create folder") for e in
+               result.errors), result.errors
+    names = dict(EXPECTED_NAMES)
+    del names["INBOX.Archive"]
+    assert_copied(old_account, new_account, names)  # every other folder was copied
