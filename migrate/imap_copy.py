@@ -310,8 +310,9 @@ class ImapCopy(JobRunner):
         uidnext_before = dsel.uidnext
         outcome = dst.append(plan.destination, items)
         faults.checkpoint("after-append")
-        appended = {r.id: u for r, u in zip(rows, outcome, strict=True) if not isinstance(u, Exception)}
-        rejected = [(r, u) for r, u in zip(rows, outcome, strict=True) if isinstance(u, Exception)]
+        pairs = list(zip(rows, outcome, strict=True))
+        appended = {r.id: u for r, u in pairs if not isinstance(u, Exception)}
+        rejected = [(r, u) for r, u in pairs if isinstance(u, Exception)]
 
         unknown = [r for r in rows if r.id in appended and appended[r.id] is None]
         if unknown:  # no APPENDUID: find the new copies by size + sha256 (search)
@@ -320,7 +321,8 @@ class ImapCopy(JobRunner):
                 by_size[len(bodies[r.source_uid])].add(digests[r.id])
             found = dst.find_by_content(uidnext_before or 1, by_size)
             for r in unknown:
-                appended[r.id] = found.pop(digests[r.id], None)
+                uids = found.get(digests[r.id])
+                appended[r.id] = uids.pop(0) if uids else None
 
         with_uid = {r.id: appended[r.id] for r in rows if appended.get(r.id)}
         copied_back = {u: hashlib.sha256(b).hexdigest() for u, b in

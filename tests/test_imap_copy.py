@@ -175,6 +175,10 @@ def test_folder_filters_and_map(filled, old_account, new_account, config):
 
 
 def test_without_uidplus_copies_are_found_by_search(filled, old_account, new_account, config):
+    body, mid = mailgen.make_message(random.Random(6), 2)
+    twin = mailgen.TestMessage("INBOX", body, (), filled[0].date, mid)
+    mailgen.fill(old_account, [twin, twin])  # identical twins in one batch
+    filled = filled + [twin, twin]
     result = run(config(), use_uidplus=False)
     assert result.ok, result.errors
     assert result.counts["copied"] == len(filled)

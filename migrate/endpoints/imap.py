@@ -425,16 +425,18 @@ class ImapSession:
         return list(parsed[1])
 
     @_guard
-    def find_by_content(self, min_uid: int, sha_by_size: dict[int, set[str]]) -> dict[str, int]:
-        """Fallback without APPENDUID: among UIDs >= min_uid find bodies by size + sha256."""
-        found: dict[str, int] = {}
+    def find_by_content(self, min_uid: int, sha_by_size: dict[int, set[str]]
+                        ) -> dict[str, list[int]]:
+        """Fallback without APPENDUID: among UIDs >= min_uid find bodies by size + sha256.
+        Returns sha256 → UIDs in ascending order (identical messages appear several times)."""
+        found: dict[str, list[int]] = {}
         sizes = self._fetch_range(f"{min_uid}:*", "(RFC822.SIZE)")
         wanted = [u for u, it in sizes.items() if int(u) >= min_uid
                   and int(it[b"RFC822.SIZE"]) in sha_by_size]
-        for uid, body in self.fetch_bodies(wanted).items():
+        for uid, body in sorted(self.fetch_bodies(wanted).items()):
             digest = hashlib.sha256(body).hexdigest()
-            if digest in sha_by_size.get(len(body), ()) and digest not in found:
-                found[digest] = uid
+            if digest in sha_by_size.get(len(body), ()):
+                found.setdefault(digest, []).append(uid)
         return found
 
     @_guard
