@@ -88,8 +88,7 @@ def _run(args) -> int:
     results = run_jobs(cfg, args.job, options)
     for r in results:
         for line in r.plan:
-            print(f"{r.job}: would {line}" if not line.startswith("folder") else
-                  f"{r.job}: {line}")
+            print(f"{r.job}: {line}")
         for w in r.warnings:
             print(f"mailmigrate: warning: {r.job}: {w}", file=sys.stderr)
         for e in r.errors:

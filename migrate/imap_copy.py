@@ -125,7 +125,7 @@ class ImapCopy(JobRunner):
         for p in plans:
             if p.create and p.destination not in created | failed:
                 if self.dry:
-                    self.result.plan.append(f"create folder {p.destination!r} "
+                    self.result.plan.append(f"would create folder {p.destination!r} "
                                             f"(from {p.source!r})")
                     created.add(p.destination)
                     continue

@@ -162,3 +162,23 @@ def test_maildir_names_cannot_be_steered(tmp_path):
     assert "/" not in name and ":" not in name and name.startswith("1700000000.M")
     assert name == archive.name_for("job", "../../etc/passwd:2,S", 1700000000)  # stable
     assert name != archive.name_for("other-job", "../../etc/passwd:2,S", 1700000000)
+
+
+def test_every_command_and_option_is_documented():
+    """README must mention each subcommand and each visible long option."""
+    import argparse
+    from pathlib import Path
+
+    from migrate.cli import build_parser
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, subparser in sub.choices.items():
+        assert f"mailmigrate {name}" in readme, f"command {name!r} is not in README.md"
+        for action in subparser._actions:
+            if action.help == argparse.SUPPRESS:
+                continue
+            for opt in action.option_strings:
+                if opt.startswith("--") and opt != "--help":
+                    assert opt in readme, f"{name} {opt} is not in README.md"
