@@ -23,12 +23,15 @@ from . import faults, safety
 from .config import Job
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
 from .engine import JobRunner, Progress, RunOptions, retrying
-from .errors import FolderError, MigrateError, SafetyError
+from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State
 from .store import MessageRow
 
 log = logging.getLogger("migrate.imap_copy")
+
+
+STREAM_CHUNK = 1024 * 1024  # partial FETCH size for messages larger than a batch
 
 
 def source_key(uidvalidity: int, uid: int) -> str:
@@ -95,6 +98,10 @@ class SessionPool:
 
 
 class ImapCopy(JobRunner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # rows whose streamed copy was abandoned (size not as announced): in-memory path
+        self._stream_refused: set[int] = set()
 
     # --- the run -----------------------------------------------------------------
 
@@ -259,34 +266,130 @@ class ImapCopy(JobRunner):
                    if r.state in (State.VERIFIED, State.DELETING)
                    and r.destination_uidvalidity == dsel.uidvalidity}
 
-        for batch in self._batches(pending):
-            bodies = src.fetch_bodies([r.source_uid for r in batch])
-            batch = [r for r in batch if r.source_uid in bodies]  # expunged meanwhile
-            digests = {r.id: hashlib.sha256(bodies[r.source_uid]).hexdigest() for r in batch}
-
-            duplicates = self._find_duplicates(dst, batch, digests, bodies, dest_index,
-                                               claimed)
-            to_append = [r for r in batch if r.id not in duplicates]
-            dup_changes = [{"id": r.id, "sha256": digests[r.id],
-                            "destination_uidvalidity": dsel.uidvalidity,
-                            "destination_uid": duplicates[r.id]} for r in batch
-                           if r.id in duplicates]
-            self.store.apply([
-                # Intent first: after a crash these are looked up, not appended again.
-                (State.APPENDING, [{"id": r.id, "sha256": digests[r.id]} for r in to_append
-                                   if r.state != State.APPENDING], False),
-                (State.COPIED, dup_changes, False),
-                (State.VERIFIED, [{"id": c["id"]} for c in dup_changes], False),
-            ])
-            self.counters.add("skipped", len(dup_changes))
-            faults.checkpoint("after-intent")
-            if to_append:
-                self._append_and_verify(dst, plan, dsel, to_append, bodies, by_uid, digests)
+        large = [r for r in pending if r.size > self.options.batch_bytes
+                 and r.id not in self._stream_refused]
+        for row in large:
+            self._copy_large(src, dst, plan, dsel, row, by_uid, dest_index, claimed)
+            progress.advance(1)
+        large_ids = {r.id for r in large}
+        for batch in self._batches([r for r in pending if r.id not in large_ids]):
+            self._copy_in_memory(src, dst, plan, dsel, batch, by_uid, dest_index, claimed)
             progress.advance(len(batch))
-            del bodies
 
-    def _find_duplicates(self, dst, batch, digests, bodies, dest_index, claimed
-                         ) -> dict[int, int]:
+    def _copy_in_memory(self, src, dst, plan, dsel, batch, by_uid, dest_index, claimed
+                        ) -> None:
+        """One size-bounded batch: one FETCH, one MULTIAPPEND, one read-back FETCH."""
+        bodies = src.fetch_bodies([r.source_uid for r in batch])
+        batch = [r for r in batch if r.source_uid in bodies]  # expunged meanwhile
+        digests = {r.id: hashlib.sha256(bodies[r.source_uid]).hexdigest() for r in batch}
+
+        duplicates = self._find_duplicates(dst, batch, digests, dest_index, claimed)
+        to_append = [r for r in batch if r.id not in duplicates]
+        dup_changes = [{"id": r.id, "sha256": digests[r.id],
+                        "destination_uidvalidity": dsel.uidvalidity,
+                        "destination_uid": duplicates[r.id]} for r in batch
+                       if r.id in duplicates]
+        self.store.apply([
+            # Intent first: after a crash these are looked up, not appended again.
+            (State.APPENDING, [{"id": r.id, "sha256": digests[r.id]} for r in to_append
+                               if r.state != State.APPENDING], False),
+            (State.COPIED, dup_changes, False),
+            (State.VERIFIED, [{"id": c["id"]} for c in dup_changes], False),
+        ])
+        for r in to_append:
+            r.state = State.APPENDING
+        self.counters.add("skipped", len(dup_changes))
+        faults.checkpoint("after-intent")
+        if to_append:
+            self._append_and_verify(dst, plan, dsel, to_append, bodies, by_uid, digests)
+
+    def _stream_digest(self, session: ImapSession, uid: int, size: int) -> str:
+        h = hashlib.sha256()
+        for piece in session.stream_body(uid, size, STREAM_CHUNK):
+            h.update(piece)
+        return h.hexdigest()
+
+    def _copy_large(self, src, dst, plan, dsel, row, by_uid, dest_index, claimed) -> None:
+        """One message larger than a batch, streamed: partial FETCHes from the source go
+        straight into the APPEND literal and are hashed on the way; the copy is read back
+        the same way.  Memory stays at a few chunks whatever the message size."""
+        meta = by_uid[row.source_uid]
+        if not src.exact_size(row.source_uid, row.size):
+            # RFC822.SIZE is not the exact length here: use the in-memory path
+            self._stream_refused.add(row.id)
+            self._copy_in_memory(src, dst, plan, dsel, [row], by_uid, dest_index, claimed)
+            return
+        candidates = [u for u in dest_index.get((row.message_id, row.size), ())
+                      if u not in claimed]
+        if candidates:
+            digest = self._stream_digest(src, row.source_uid, row.size)
+            for u in candidates:
+                if self._stream_digest(dst, u, row.size) == digest:
+                    claimed.add(u)
+                    self.store.apply([
+                        (State.COPIED, [{"id": row.id, "sha256": digest,
+                                         "destination_uidvalidity": dsel.uidvalidity,
+                                         "destination_uid": u}], False),
+                        (State.VERIFIED, [{"id": row.id}], False)])
+                    self.counters.add("skipped")
+                    return
+        if row.state != State.APPENDING:
+            self.store.transition(State.APPENDING, [{"id": row.id}])
+            row.state = State.APPENDING
+        faults.checkpoint("after-intent")
+        h = hashlib.sha256()
+
+        def pieces():
+            for piece in src.stream_body(row.source_uid, row.size, STREAM_CHUNK):
+                h.update(piece)
+                yield piece
+
+        uidnext_before = dsel.uidnext
+        try:
+            uid = dst.append_streamed(plan.destination, meta.flags, meta.internaldate,
+                                      row.size, pieces())
+        except MigrateError as exc:
+            if dst.dead and not getattr(exc, "transient", False):
+                # the message itself is the problem; next attempt takes the other path
+                self._stream_refused.add(row.id)
+                raise ConnectionLost(f"streamed append abandoned ({exc}); reconnecting") \
+                    from None
+            raise
+        faults.checkpoint("after-append")
+        digest = h.hexdigest()
+        if isinstance(uid, Exception):
+            self._fail(plan, [(row, str(uid))])
+            return
+        if uid is None:
+            found = dst.find_by_content(uidnext_before or 1, {row.size: {digest}})
+            uid = (found.get(digest) or [None])[0]
+        if uid is None:
+            self._fail(plan, [(row, "appended, but the copy could not be found at the "
+                                    "destination to verify it")])
+            return
+        dsel.uidnext = max(dsel.uidnext or 0, uid + 1)
+        back = self._stream_digest(dst, uid, row.size)
+        copied = [{"id": row.id, "sha256": digest, "destination_uidvalidity": dsel.uidvalidity,
+                   "destination_uid": uid}]
+        if back != digest:
+            self.store.transition(State.COPIED, copied)
+            self._fail(plan, [(row, f"verification failed: destination UID {uid} differs "
+                                    "from the source")])
+            return
+        self.store.apply([(State.COPIED, copied, False),
+                          (State.VERIFIED, [{"id": row.id, "last_error": None}], False)])
+        self.counters.add("copied")
+        self.counters.add("bytes", row.size)
+
+    def _fail(self, plan, failures) -> None:
+        self.store.transition(State.FAILED, [{"id": r.id, "last_error": text}
+                                             for r, text in failures], bump_attempts=True)
+        self.counters.add("failed", len(failures))
+        for r, text in failures:
+            self.error(f"folder {plan.source!r}: message UID {r.source_uid} ({r.size} bytes, "
+                       f"{r.message_id or 'no Message-ID'}): {text}")
+
+    def _find_duplicates(self, dst, batch, digests, dest_index, claimed) -> dict[int, int]:
         """row id → destination UID of an identical message already there."""
         candidates = {r.id: [u for u in dest_index.get((r.message_id, r.size), ())
                              if u not in claimed] for r in batch}

@@ -54,3 +54,25 @@ def test_connection_that_keeps_failing_is_reported_not_hung(old_account, new_acc
         proxy.close()
     assert not result.ok
     assert any("connection to 127.0.0.1" in e and "lost" in e for e in result.errors)
+
+
+@pytest.mark.parametrize("side,direction", [("source", "down"), ("destination", "up")])
+def test_connection_cut_inside_a_streamed_append_leaves_no_partial_copy(
+        side, direction, old_account, new_account, tmp_path):
+    import random
+
+    body, mid = mailgen.make_message(random.Random(30), 1, size=6_000_000, attachment=True)
+    date = mailgen.realistic_mailbox(count=1)[0].date
+    mailgen.fill(old_account, [mailgen.TestMessage("INBOX", body, (), date, mid)])
+    target = old_account if side == "source" else new_account
+    proxy = CuttingProxy(target.server.ports["imaps"], 3_000_000, direction, cuts=1)
+    try:
+        job = imap_job("alice", old_account, new_account)
+        job[side]["port"] = proxy.port
+        result = run(write_config(tmp_path / "c.toml", [job]))
+        assert proxy.cuts_done == 1, "the proxy never cut: the test exercised nothing"
+    finally:
+        proxy.close()
+    assert result.ok, result.errors
+    assert all_hashes(new_account) == collections.Counter([mailgen.TestMessage(
+        "INBOX", body, (), date).sha256])  # exactly one, complete copy

@@ -14,7 +14,7 @@ import hashlib
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from imapclient import IMAPClient
@@ -35,7 +35,7 @@ UNCOPYABLE_FLAGS = frozenset({"\\recent", "\\deleted"})
 _APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
 _MSGID_RE = re.compile(rb"<[^<>\s]+>")
 _UID_RE = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
-_BODY_RE = re.compile(rb"\bBODY\[\] \{\d+\}$", re.IGNORECASE)
+_BODY_RE = re.compile(rb"\bBODY\[\](?:<\d+>)? \{\d+\}$", re.IGNORECASE)
 
 
 def parse_uid_set(text: str | bytes) -> list[int]:
@@ -208,6 +208,7 @@ class ImapSession:
                              for c in client.capabilities()}
         self.delimiter, self.prefix = self._personal_namespace()
         self.selected: str | None = None
+        self.dead = False
 
     # --- connection --------------------------------------------------------------
 
@@ -255,10 +256,19 @@ class ImapSession:
         return cls(endpoint, client)
 
     def logout(self) -> None:
+        if self.dead:
+            _close_quietly(self.client)
+            return
         try:
             self.client.logout()
         except Exception:  # noqa: BLE001 - the connection may already be gone
             _close_quietly(self.client)
+
+    def kill(self) -> None:
+        """Close without another byte: in the middle of an APPEND literal, a LOGOUT would
+        become message data (and could even complete a corrupt message)."""
+        self.dead = True
+        _close_quietly(self.client)
 
     def has(self, capability: str) -> bool:
         return capability.upper() in self.capabilities
@@ -438,6 +448,79 @@ class ImapSession:
             if digest in sha_by_size.get(len(body), ()):
                 found.setdefault(digest, []).append(uid)
         return found
+
+    @_guard
+    def fetch_part(self, uid: int, offset: int, length: int) -> bytes | None:
+        """BODY.PEEK[]<offset.length> of one message (None if the message is gone)."""
+        imap = self.client._imap
+        tag = imap._command("UID", "FETCH", str(uid), f"(BODY.PEEK[]<{offset}.{length}>)")
+        typ, data = imap._command_complete("FETCH", tag)
+        self.client._checkok("fetch", typ, data)
+        typ, data = imap._untagged_response(typ, data, "FETCH")
+        return parse_body_fetch(data or ()).get(uid)
+
+    @_guard
+    def stream_body(self, uid: int, size: int, chunk: int) -> Iterator[bytes]:
+        """The body of a message in pieces of ``chunk`` bytes (partial FETCH), so a
+        large message never sits in memory whole."""
+        for offset in range(0, size, chunk):
+            part = self.fetch_part(uid, offset, min(chunk, size - offset))
+            if part is None:
+                raise MessageError(f"message UID {uid} disappeared while being read")
+            yield part
+
+    def exact_size(self, uid: int, size: int) -> bool:
+        """Does the body really have ``size`` bytes?  RFC822.SIZE is exact on most servers
+        but not promised; streaming an APPEND literal needs the exact length up front."""
+        if size <= 0:
+            return False
+        tail = self.fetch_part(uid, size - 1, 2)
+        return tail is not None and len(tail) == 1
+
+    @_guard
+    def append_streamed(self, folder: str, item_flags: Iterable[str],
+                        internaldate: dt.datetime | None, size: int,
+                        chunks: Iterator[bytes]) -> int | None | Exception:
+        """APPEND one message whose body arrives in pieces (e.g. from stream_body on
+        another connection).  If the pieces fail or do not add up to ``size``, this
+        connection is killed, so the server discards the unfinished APPEND."""
+        imap = self.client._imap
+        tag = imap._new_tag()
+        head = (tag + b" APPEND " + self.client._normalise_folder(folder) + b" "
+                + to_bytes(seq_to_parenstr(sorted(item_flags))))
+        if internaldate is not None:
+            head += b' "' + to_bytes(datetime_to_INTERNALDATE(internaldate)) + b'"'
+        literal_plus = self.has("LITERAL+")
+        sent = 0
+        try:
+            imap.send(head + b" {" + str(size).encode() + (b"+}\r\n" if literal_plus
+                                                           else b"}\r\n"))
+            if not literal_plus:
+                while imap._get_response():  # wait for the "+" continuation
+                    if imap.tagged_commands.get(tag):
+                        typ, data = imap.tagged_commands.pop(tag)
+                        return AppendRejected(f"destination refused the message: "
+                                              f"{_server_text(data[0])}")
+            for piece in chunks:
+                if sent + len(piece) > size:
+                    raise MessageError("message is larger than its announced size")
+                imap.send(piece)
+                sent += len(piece)
+            if sent != size:
+                raise MessageError(f"message has {sent} bytes, {size} were announced")
+            imap.send(b"\r\n")
+        except BaseException:
+            self.kill()
+            raise
+        try:
+            typ, data = imap._command_complete("APPEND", tag)
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            return AppendRejected(f"destination refused the message: {_server_text(exc)}")
+        if typ != "OK":
+            return AppendRejected(f"destination refused the message: {_server_text(data)}")
+        return self._uids_from(data, 1)[0]
 
     @_guard
     def store_flags(self, uids: Sequence[int], add: Iterable[str], remove: Iterable[str]
