@@ -109,9 +109,7 @@ class ImapCopy(JobRunner):
         pool = SessionPool(self.job, self.options)
         progress = Progress(self.job.name, self.options.progress)
         try:
-            src, dst = pool.take()
-            plans = self._plan(src, dst)
-            pool.give_back((src, dst))
+            plans = retrying(self.options)(self._with_pair, pool, self._plan)
             self.counters.add("folders", len(plans))
             workers = max(1, min(len(plans), self.job.source.max_connections,
                                  self.job.destination.max_connections))
@@ -146,21 +144,26 @@ class ImapCopy(JobRunner):
                 log.info("%s: created folder %r", self.job.name, p.destination)
         return [p for p in plans if p.destination not in failed]
 
+    @staticmethod
+    def _with_pair(pool: SessionPool, work, *args):
+        """Run work(src, dst, *args) on a pooled connection pair; a pair whose
+        connection died is dropped, so the retry gets a fresh one."""
+        pair = pool.take()
+        try:
+            result = work(pair[0], pair[1], *args)
+        except BaseException as exc:
+            if getattr(exc, "transient", False) or pair[0].dead or pair[1].dead:
+                pool.discard(pair)
+            else:
+                pool.give_back(pair)
+            raise
+        pool.give_back(pair)
+        return result
+
     def _folder_with_retry(self, pool: SessionPool, fr: FolderRun, progress: Progress
                            ) -> None:
-        def attempt():
-            pair = pool.take()
-            try:
-                self._sync_folder(pair[0], pair[1], fr, progress)
-            except BaseException as exc:
-                if getattr(exc, "transient", False):
-                    pool.discard(pair)  # dead connection: reconnect on the next take()
-                else:
-                    pool.give_back(pair)
-                raise
-            pool.give_back(pair)
         try:
-            retrying(self.options)(attempt)
+            retrying(self.options)(self._with_pair, pool, self._sync_folder, fr, progress)
         except MigrateError as exc:  # this folder failed; the others go on
             fr.error = str(exc)
             self.error(f"folder {fr.plan.source!r}: {exc}")
@@ -569,39 +572,31 @@ class ImapCopy(JobRunner):
         if not work:
             return
 
-        def attempt(fr: FolderRun, candidates: list[MessageRow]):
-            pair = pool.take()
-            src = pair[0]
-            try:
-                sel = src.select(fr.plan.source, readonly=False)
-                if sel.uidvalidity != fr.uidvalidity:
-                    raise FolderError(
-                        f"UIDVALIDITY changed during the run ({fr.uidvalidity} → "
-                        f"{sel.uidvalidity}); nothing deleted in this folder")
-                todo = [r for r in candidates if r.state != State.DELETED]
-                for chunk in _chunks(todo, 500):
-                    self.store.transition(State.DELETING, [
-                        {"id": r.id} for r in chunk if r.state == State.VERIFIED])
-                    for r in chunk:
-                        r.state = State.DELETING
-                    faults.checkpoint("before-expunge")
-                    src.delete([r.source_uid for r in chunk])
-                    faults.checkpoint("after-expunge")
-                    self.store.transition(State.DELETED, [{"id": r.id} for r in chunk])
-                    for r in chunk:
-                        r.state = State.DELETED
-                    self.counters.add("deleted", len(chunk))
-            except BaseException as exc:
-                if getattr(exc, "transient", False):
-                    pool.discard(pair)
-                else:
-                    pool.give_back(pair)
-                raise
-            pool.give_back(pair)
+        def delete_in_folder(src, _dst, fr: FolderRun, candidates: list[MessageRow]):
+            sel = src.select(fr.plan.source, readonly=False)
+            if sel.uidvalidity != fr.uidvalidity:
+                raise FolderError(
+                    f"UIDVALIDITY changed during the run ({fr.uidvalidity} → "
+                    f"{sel.uidvalidity}); nothing deleted in this folder")
+            todo = [r for r in candidates if r.state != State.DELETED]
+            for chunk in _chunks(todo, 500):
+                # intent, then \Deleted + UID EXPUNGE of exactly these, then the record
+                self.store.transition(State.DELETING, [
+                    {"id": r.id} for r in chunk if r.state == State.VERIFIED])
+                for r in chunk:
+                    r.state = State.DELETING
+                faults.checkpoint("before-expunge")
+                src.delete([r.source_uid for r in chunk])
+                faults.checkpoint("after-expunge")
+                self.store.transition(State.DELETED, [{"id": r.id} for r in chunk])
+                for r in chunk:
+                    r.state = State.DELETED
+                self.counters.add("deleted", len(chunk))
 
         for fr, candidates in work:
             try:
-                retrying(self.options)(attempt, fr, candidates)
+                retrying(self.options)(self._with_pair, pool, delete_in_folder, fr,
+                                       candidates)
             except MigrateError as exc:
                 self.error(f"folder {fr.plan.source!r}: deletion: {exc}")
 

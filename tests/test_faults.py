@@ -17,6 +17,8 @@ def all_hashes(account):
 
 
 @pytest.mark.parametrize("side,direction,cut_after", [
+    ("source", "down", 300),           # in the TLS handshake
+    ("destination", "down", 2_500),    # around LOGIN
     ("source", "down", 120_000),       # while fetching bodies
     ("destination", "up", 120_000),    # in the middle of a MULTIAPPEND
     ("destination", "down", 100_000),  # while reading copies back to verify

@@ -250,11 +250,13 @@ def test_vanished_pop3_messages_are_reported(filled, old_account, tmp_path):
     assert any("3 messages vanished from the server" in w for w in result.warnings)
 
 
-def test_connection_cut_mid_retr_reconnects_and_finishes(filled, old_account, tmp_path):
+@pytest.mark.parametrize("cut_after", [300, 3_000, 1_000_000],
+                         ids=["tls-handshake", "login", "retr"])
+def test_connection_cut_reconnects_and_finishes(cut_after, filled, old_account, tmp_path):
     from tests.rig.proxy import CuttingProxy
 
     reference = server_bodies(old_account)
-    proxy = CuttingProxy(old_account.server.ports["pop3s"], 1_000_000, "down", cuts=2)
+    proxy = CuttingProxy(old_account.server.ports["pop3s"], cut_after, "down", cuts=2)
     try:
         job = pop_job(old_account, tmp_path / "arch", delete_after_verify=True)
         job["source"]["port"] = proxy.port

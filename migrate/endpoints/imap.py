@@ -242,6 +242,11 @@ class ImapSession:
             client.login(endpoint.username, endpoint.password.reveal())
         except LoginError as exc:
             _close_quietly(client)
+            # imapclient turns *every* imaplib error during LOGIN into LoginError, a
+            # dropped connection (imaplib.abort: "socket error: ...") included.
+            if "socket error" in str(exc) or isinstance(exc.__context__, IMAPClientAbortError):
+                raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \
+                    from None
             raise MailboxError(
                 f"IMAP login as {endpoint.username} at {where} failed: {_server_text(exc)}; "
                 "check the username (usually the full email address) and the password") \
@@ -253,7 +258,12 @@ class ImapSession:
         except BaseException:
             _close_quietly(client)
             raise
-        return cls(endpoint, client)
+        try:
+            return cls(endpoint, client)
+        except (OSError, IMAPClientAbortError) as exc:
+            _close_quietly(client)
+            raise ConnectionLost(f"connection to {where} dropped after login: {exc}") \
+                from None
 
     def logout(self) -> None:
         if self.dead:
@@ -282,8 +292,10 @@ class ImapSession:
                     return (delim or "/"), (prefix or "")
             for _flags, delim, _name in self.client.list_folders("", ""):
                 return (delim.decode() if isinstance(delim, bytes) else delim) or "/", ""
+        except IMAPClientAbortError:
+            raise
         except IMAPClientError:
-            pass
+            pass  # no NAMESPACE answer: assume no prefix
         return "/", ""
 
     # --- folders -----------------------------------------------------------------

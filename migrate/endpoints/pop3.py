@@ -76,6 +76,8 @@ class Pop3Session:
             client.pass_(endpoint.password.reveal())
         except poplib.error_proto as exc:
             client.close()
+            if _dropped(exc):
+                raise ConnectionLost(f"connection to {where} dropped during login") from None
             raise MailboxError(
                 f"POP3 login as {endpoint.username} at {where} failed: {_text(exc)}; check "
                 "the username (usually the full email address) and the password") from None
@@ -95,7 +97,9 @@ class Pop3Session:
     def require_uidl(self) -> None:
         try:
             caps = self.client.capa()
-        except poplib.error_proto:
+        except poplib.error_proto as exc:
+            if _dropped(exc):
+                raise self._lost(exc) from None
             caps = {}  # no CAPA: try UIDL itself below
         except OSError as exc:
             raise self._lost(exc) from None
@@ -103,7 +107,9 @@ class Pop3Session:
             return
         try:
             self.client.uidl()
-        except poplib.error_proto:
+        except poplib.error_proto as exc:
+            if _dropped(exc):
+                raise self._lost(exc) from None
             raise MailboxError(
                 f"POP3 server {self.endpoint.host} does not support UIDL: without stable "
                 "message ids a resumable archive is impossible (every run would download "
@@ -117,6 +123,8 @@ class Pop3Session:
             _resp, uidl_lines, _ = self.client.uidl()
             _resp, size_lines, _ = self.client.list()
         except poplib.error_proto as exc:
+            if _dropped(exc):
+                raise self._lost(exc) from None
             raise MailboxError(f"POP3 UIDL/LIST failed: {_text(exc)}") from None
         except OSError as exc:
             raise self._lost(exc) from None
@@ -153,6 +161,8 @@ class Pop3Session:
                         failure = exc
             return _read_multiline(c.file, deliver, lambda: failure)
         except poplib.error_proto as exc:
+            if _dropped(exc):
+                raise self._lost(exc) from None
             raise MessageError(f"POP3 RETR {number} failed: {_text(exc)}") from None
         except (OSError, EOFError) as exc:
             raise self._lost(exc) from None
@@ -161,6 +171,8 @@ class Pop3Session:
         try:
             self.client.dele(number)
         except poplib.error_proto as exc:
+            if _dropped(exc):
+                raise self._lost(exc) from None
             raise MailboxError(f"POP3 DELE {number} refused: {_text(exc)}") from None
         except OSError as exc:
             raise self._lost(exc) from None
@@ -170,6 +182,8 @@ class Pop3Session:
         try:
             resp = self.client.quit()
         except poplib.error_proto as exc:
+            if _dropped(exc):
+                raise self._lost(exc) from None
             raise MailboxError(f"POP3 QUIT failed, deletions not committed: {_text(exc)}") \
                 from None
         except OSError as exc:
@@ -226,6 +240,11 @@ def _read_multiline(f, deliver: Callable[[bytes], None], failure: Callable) -> i
             if error is not None:
                 raise error
             return total
+
+
+def _dropped(exc: poplib.error_proto) -> bool:
+    """poplib reports a closed connection as error_proto('-ERR EOF'), like a refusal."""
+    return bool(exc.args) and exc.args[0] in (b"-ERR EOF", "-ERR EOF")
 
 
 def _text(value) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 
 from ..config import Endpoint
-from ..errors import MailboxError
+from ..errors import ConnectionLost, MailboxError
 
 
 def ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
@@ -20,9 +20,13 @@ def ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
 
 
 def describe_tls_failure(endpoint: Endpoint, exc: BaseException) -> MailboxError:
+    # ConnectionLost is a MailboxError too: callers raise whatever comes back
     """Turn an SSL error into advice an admin can act on."""
     text = str(exc)
     where = f"{endpoint.host}:{endpoint.port}"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        # the connection went away during the handshake: retry, don't blame the TLS setup
+        return ConnectionLost(f"connection to {where} closed during the TLS handshake")
     if isinstance(exc, ssl.SSLCertVerificationError):
         if "match" in text or "mismatch" in text:
             return MailboxError(
