@@ -324,12 +324,19 @@ class ImapSession:
 
     @_guard
     def select(self, name: str, readonly: bool) -> SelectInfo:
-        try:
-            info = self.client.select_folder(name, readonly=readonly)
-        except IMAPClientError as exc:
-            if isinstance(exc, IMAPClientAbortError):
+        for attempt in (1, 2):
+            try:
+                info = self.client.select_folder(name, readonly=readonly)
+                break
+            except IMAPClientAbortError:
                 raise
-            raise FolderError(f"cannot open folder {name!r}: {_server_text(exc)}") from None
+            except IMAPClientError as exc:
+                # Dovecot auto-creates special-use folders on first access; two fresh
+                # sessions racing for that make one SELECT fail with ALREADYEXISTS.
+                if attempt == 1 and "ALREADYEXISTS" in str(exc).upper():
+                    continue
+                raise FolderError(f"cannot open folder {name!r}: {_server_text(exc)}") \
+                    from None
         self.selected = name
         return SelectInfo(
             uidvalidity=int(info[b"UIDVALIDITY"]), exists=int(info.get(b"EXISTS", 0)),
