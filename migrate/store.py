@@ -9,8 +9,10 @@ from, and fails loudly when a row was not in one of them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import threading
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -203,13 +205,25 @@ class Store:
         self.url = url
         self.clock = clock
         self.engine = _make_engine(url)
+        # SQLite has one writer at a time. Threads of this process queue on a lock
+        # instead of in SQLite's busy handler, which sleeps in steps of up to 100 ms.
+        self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" \
+            else contextlib.nullcontext()
         self._open()
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction (BEGIN IMMEDIATE on SQLite)."""
+        with self._write_lock, self.engine.connect() as conn:
+            conn.execution_options(mm_write=True)
+            with conn.begin():
+                yield conn
 
     # --- schema ------------------------------------------------------------------
 
     def _open(self) -> None:
         try:
-            with self.engine.begin() as conn:
+            with self._write() as conn:
                 version = None
                 if self.engine.dialect.has_table(conn, "meta"):
                     row = conn.execute(
@@ -267,7 +281,7 @@ class Store:
                     )
                 return existing
             try:
-                with self.engine.begin() as conn:
+                with self._write() as conn:
                     conn.execute(insert(mailboxes).values(
                         host=host, username=username, protocol=protocol,
                         bound_by_job=job_name, bound_at=self.clock()))
@@ -295,7 +309,7 @@ class Store:
                     for r in conn.execute(q)]
 
     def unbind(self, username: str, host: str) -> bool:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             ids = [r.id for r in conn.execute(select(mailboxes.c.id).where(
                 mailboxes.c.username == username.lower(), mailboxes.c.host == host.lower()))]
             if not ids:
@@ -308,7 +322,7 @@ class Store:
 
     def ensure_job(self, name: str, kind: str, host: str | None = None,
                    username: str | None = None) -> int:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             mailbox_id = None
             if host and username:
                 mailbox_id = conn.execute(select(mailboxes.c.id).where(
@@ -324,7 +338,7 @@ class Store:
                              .values(mailbox_id=mailbox_id))
                 return row.id
         try:
-            with self.engine.begin() as conn:
+            with self._write() as conn:
                 return conn.execute(insert(jobs).values(
                     name=name, kind=kind, mailbox_id=mailbox_id, created_at=self.clock())
                 ).inserted_primary_key[0]
@@ -336,7 +350,7 @@ class Store:
             return conn.execute(select(jobs.c.id).where(jobs.c.name == name)).scalar()
 
     def start_run(self, job_id: int, dry_run: bool) -> int:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             return conn.execute(insert(runs).values(
                 job_id=job_id, started_at=self.clock(), outcome="running", dry_run=dry_run,
                 hostname=socket.gethostname(), pid=os.getpid(),
@@ -345,7 +359,7 @@ class Store:
     def finish_run(self, run_id: int, outcome: str, counts: dict[str, int],
                    error: str | None = None) -> None:
         values = {k: int(counts.get(k, 0)) for k in RUN_COUNTERS}
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(update(runs).where(runs.c.id == run_id).values(
                 ended_at=self.clock(), outcome=outcome, error=error, **values))
 
@@ -374,7 +388,7 @@ class Store:
         for _ in range(2):
             existing = self.folder(job_id, source_name)
             try:
-                with self.engine.begin() as conn:
+                with self._write() as conn:
                     if existing is None:
                         conn.execute(insert(folders).values(
                             job_id=job_id, source_name=source_name,
@@ -429,7 +443,7 @@ class Store:
                 "attempts": 0, "first_seen_at": now, "updated_at": now,
             })
         keys = [v["source_key"] for v in values]
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             present = set()
             for chunk in _chunks(keys, 500):
                 present.update(conn.execute(select(messages.c.source_key).where(
@@ -461,7 +475,7 @@ class Store:
         steps = [s for s in steps if s[1]]
         if not steps:
             return
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             for to, changes, bump in steps:
                 self._transition(conn, to, changes, bump)
 
@@ -496,7 +510,7 @@ class Store:
             return
         stmt = (update(messages).where(messages.c.id == bindparam("m_id"))
                 .values(flags=bindparam("v_flags"), updated_at=self.clock()))
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(stmt, [{"m_id": c["id"], "v_flags": flags_to_text(c["flags"])}
                                 for c in changes])
 
@@ -568,4 +582,8 @@ def _tune_sqlite(engine: Engine) -> None:
     def _on_begin(conn):
         # Writers take the lock up front: a deferred transaction that later needs to
         # write can fail with "database is locked" without waiting for busy_timeout.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers stay deferred, so WAL lets them run beside a writer.
+        if conn.get_execution_options().get("mm_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
