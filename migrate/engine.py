@@ -151,6 +151,15 @@ class JobRunner:
             self.result.warnings.append(text)
         log.warning("%s: %s", self.job.name, text)
 
+    def revive(self, present: Sequence[MessageRow]) -> None:
+        """Rows marked vanished whose message is back at the source (some servers hide
+        messages for a while): they go through the copy path again — never lost."""
+        back = [r for r in present if r.state == State.VANISHED]
+        if back and not self.dry:
+            self.store.transition(State.SEEN, [{"id": r.id} for r in back])
+        for r in back:
+            r.state = State.SEEN
+
     def settle_missing(self, missing: Sequence[MessageRow]) -> int:
         """Messages gone from the source: a ``deleting`` one was deleted by us (the
         EXPUNGE/QUIT went through before a crash or drop); any other has *vanished*:

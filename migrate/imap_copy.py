@@ -236,6 +236,7 @@ class ImapCopy(JobRunner):
         return dst.select(plan.destination, readonly=self.dry)
 
     def _reconcile_vanished(self, plan, rows: dict[str, MessageRow], by_uid) -> None:
+        self.revive([r for r in rows.values() if r.source_uid in by_uid])
         vanished = self.settle_missing([r for r in rows.values() if r.source_uid not in by_uid])
         if vanished:
             self.warn(

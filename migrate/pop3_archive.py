@@ -82,6 +82,7 @@ class Pop3Archive(JobRunner):
                 message_id=None, sha256=None, flags=frozenset(), state=State.SEEN,
                 destination_uidvalidity=None, destination_uid=None, destination_path=None,
                 verified_at=None, attempts=0))
+        self.revive([r for k, r in rows.items() if k in present])
         vanished = self.settle_missing([r for k, r in rows.items() if k not in present])
         if vanished:
             self.warn(

@@ -1,16 +1,20 @@
 """The per-message state machine.  Every allowed transition is listed here, once.
 
     seen ──► appending ──► copied ──► verified ──► deleting ──► deleted
-      │          │            │           │
-      └──────────┴────────────┴───────────┴──► failed ──► seen (retried next run)
-    seen/copied/verified ──► vanished (gone from the source, not deleted by us)
+      │          │            │                       │
+      └──────────┴────────────┴──► failed             └──► verified (deletion turned off)
+                                     │
+                                     └──► appending / copied (retried by a later run)
+    any state before deleting ──► vanished (gone from the source, not deleted by us)
+    vanished ──► seen (it reappeared: copied again, after the duplicate check)
 
 * ``appending`` is an intent written *before* the APPEND (or the archive write): after a
   crash it says "this message may or may not be at the destination"; the next run looks
   for it there instead of appending blindly.
 * ``deleting`` is the same for deletion: the source may or may not still have it.
 * Only ``verified`` messages may move towards ``deleting``: nothing is removed from a
-  source unless its copy was proven identical and that fact is committed.
+  source unless its copy was proven identical and that fact is committed.  Nothing
+  leads back from ``verified`` to a state that would copy the message again.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ class State(StrEnum):
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.SEEN: frozenset({State.APPENDING, State.COPIED, State.FAILED, State.VANISHED}),
-    State.APPENDING: frozenset({State.COPIED, State.SEEN, State.FAILED, State.VANISHED}),
+    State.APPENDING: frozenset({State.COPIED, State.FAILED, State.VANISHED}),
     State.COPIED: frozenset({State.VERIFIED, State.FAILED, State.VANISHED}),
-    State.VERIFIED: frozenset({State.DELETING, State.VANISHED, State.SEEN}),
+    State.VERIFIED: frozenset({State.DELETING, State.VANISHED}),
     State.DELETING: frozenset({State.DELETED, State.VERIFIED}),
     State.DELETED: frozenset(),
-    State.FAILED: frozenset({State.SEEN, State.APPENDING, State.COPIED, State.VANISHED}),
+    State.FAILED: frozenset({State.APPENDING, State.COPIED, State.VANISHED}),
+    # reappeared (a server that hid it for a while): copied again, duplicate check first
     State.VANISHED: frozenset({State.SEEN}),
 }
 

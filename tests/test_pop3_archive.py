@@ -288,46 +288,42 @@ def test_large_message_is_streamed_not_buffered(old_account, tmp_path):
 
 
 def test_server_without_uidl_is_refused_clearly(tmp_path):
-    """A fake POP3 server (plaintext, loopback) that lacks UIDL."""
-    import socket
-    import threading
+    from tests.rig.fakepop import FakePop3
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-
-    def serve():
-        conn, _ = listener.accept()
-        f = conn.makefile("rwb")
-        f.write(b"+OK fake POP3\r\n")
-        f.flush()
-        for line in f:
-            cmd = line.split()[0].upper() if line.strip() else b""
-            if cmd == b"CAPA":
-                f.write(b"+OK\r\nUSER\r\n.\r\n")
-            elif cmd in (b"USER", b"PASS"):
-                f.write(b"+OK\r\n")
-            elif cmd == b"QUIT":
-                f.write(b"+OK bye\r\n")
-                f.flush()
-                break
-            else:
-                f.write(b"-ERR unknown command\r\n")
-            f.flush()
-        conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    job = {"name": "legacy", "kind": "pop3-archive",
-           "source": {"host": "127.0.0.1", "port": listener.getsockname()[1],
-                      "security": "none", "allow_insecure": True,
-                      "username": "old@legacy.test", "password": "pw"},
+    server = FakePop3({"a": b"Subject: x\r\n\r\nbody\r\n"}, uidl=False)
+    job = {"name": "legacy", "kind": "pop3-archive", "source": server.job_source(),
            "archive": {"path": str(tmp_path / "arch")}}
     proc = run_cli("run", "-c", str(write_config(tmp_path / "c.toml", [job])))
-    listener.close()
+    server.close()
     assert proc.returncode == 1
     assert "does not support UIDL: without stable message ids a resumable archive is " \
            "impossible" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_message_that_vanishes_and_comes_back_is_archived_once(tmp_path):
+    from tests.rig.fakepop import FakePop3
+
+    bodies = {k: f"Subject: {k}\r\nMessage-ID: <{k}@x>\r\n\r\n.dotted\r\n".encode()
+              for k in ("uid-a", "uid-b", "uid-c")}
+    server = FakePop3(bodies)
+    job = {"name": "legacy", "kind": "pop3-archive", "source": server.job_source(),
+           "archive": {"path": str(tmp_path / "arch")}, "delete_after_verify": False}
+    path = write_config(tmp_path / "c.toml", [job])
+    try:
+        server.hidden = {"uid-b"}  # hidden before it was ever archived
+        first = run(path)
+        assert first.counts["copied"] == 2
+        server.hidden = {"uid-c"}  # b appears, c (archived) hides
+        second = run(path)
+        assert second.counts["copied"] == 1 and second.counts["vanished"] == 1
+        server.hidden = set()  # c is back: checked again, still one file in the archive
+        third = run(path)
+        assert third.ok, third.errors
+        assert third.counts["copied"] == 1  # re-verified (same file name, replaced)
+    finally:
+        server.close()
+    assert hashes(archive_files(tmp_path / "arch")) == hashes(bodies.values())
 
 
 def test_refused_job_does_not_stop_the_others(filled, old_account, new_account, tmp_path):
