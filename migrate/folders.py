@@ -39,6 +39,9 @@ def translate_name(name: str, src_delim: str | None, src_prefix: str,
     if src_prefix and rest.startswith(src_prefix):
         rest = rest[len(src_prefix):]
     parts = rest.split(src_delim) if src_delim else [rest]
+    if (len(parts) > 1 and parts[0].upper() == "INBOX"
+            and dst_prefix.upper() == f"INBOX{dst_delim}"):
+        parts = parts[1:]  # 'INBOX/Sub' → 'INBOX.Sub', not 'INBOX.INBOX.Sub'
     if dst_delim:
         parts = [p.replace(dst_delim, "_") for p in parts]
     return dst_prefix + (dst_delim or "").join(parts)

@@ -30,6 +30,8 @@ def test_translate_dot_prefix_to_slash(name, expected):
 
 def test_translate_slash_to_dot_with_prefix():
     assert translate_name("Archive/2019", "/", "", ".", "INBOX.") == "INBOX.Archive.2019"
+    assert translate_name("INBOX/Sub", "/", "", ".", "INBOX.") == "INBOX.Sub"
+    assert translate_name("INBOX/Sub", "/", "", "/", "") == "INBOX/Sub"
 
 
 def test_plan_uses_special_use_map_and_existing_case():
