@@ -18,7 +18,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from tqdm import tqdm
 
 from .config import IMAP_COPY, Config, Job
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError, SafetyError
+from .errors import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, JobLocked, MigrateError,
+                     SafetyError)
 from .states import State
 from .store import MessageRow, Store
 
@@ -55,6 +56,8 @@ class JobResult:
 
     def summary_line(self) -> str:
         c = self.counts
+        if self.exit_code == EXIT_LOCKED:
+            return f"{self.job}: already running elsewhere; nothing was done"
         if self.exit_code == EXIT_REFUSED and not c:
             return f"{self.job}: refused; nothing was done (see the error above)"
         if self.dry_run:
@@ -204,6 +207,18 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
 
 
 def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
+    if options.dry_run:  # read-only: may run beside a real run
+        return _run_job(job, store, options)
+    try:
+        with store.job_lock(job.name):
+            return _run_job(job, store, options)
+    except JobLocked as exc:
+        result = JobResult(job.name, job.kind, options.dry_run, exit_code=exc.exit_code)
+        result.errors.append(str(exc))
+        return result
+
+
+def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
     from .imap_copy import ImapCopy
     from .pop3_archive import Pop3Archive
 
@@ -254,7 +269,7 @@ def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
 
 
 def exit_code(results: Sequence[JobResult]) -> int:
-    """2 if any job was refused, else 1 if anything failed, else 0."""
+    """The worst outcome: 3 a job was already running, 2 refused, 1 failed, 0 done."""
     codes = [r.exit_code for r in results]
     codes += [EXIT_OK if r.ok else EXIT_FAILED for r in results]
     return max(codes, default=EXIT_OK)

@@ -12,7 +12,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run finished but something failed (messages, folders, a job)
 EXIT_REFUSED = 2  # bad configuration or refused for safety; nothing was touched
-EXIT_LOCKED = 3  # reserved: another run holds the job's lease
+EXIT_LOCKED = 3  # another run of the same job is still going
 
 
 class MigrateError(Exception):
@@ -68,3 +68,9 @@ class FolderError(MigrateError):
 
 class MessageError(MigrateError):
     """One message failed (rejected by the destination, verification mismatch)."""
+
+
+class JobLocked(MigrateError):
+    """Another run of this job holds its lock (cron started it again too soon)."""
+
+    exit_code = EXIT_LOCKED

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import os
 import threading
 import socket
@@ -26,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.exc import NoSuchModuleError
 
-from .errors import ConfigError, SafetyError, StateError
+from .errors import ConfigError, JobLocked, SafetyError, StateError
 from .states import State, sources_of
 
 SCHEMA_VERSION = 1
@@ -246,6 +247,36 @@ class Store:
                 f"cannot open state database {self.safe_url}: {exc.orig}; check [state] url "
                 "and that the directory is writable / the server is running"
             ) from None
+
+    @contextlib.contextmanager
+    def job_lock(self, job_name: str):
+        """Hold this job for one run, so that overlapping cron runs cannot both copy the
+        same messages.  SQLite: an flock beside the database (the kernel drops it when
+        the process dies, even by kill -9).  Other databases: not yet (a lease in the
+        database is planned for several hosts)."""
+        database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
+        if not database or database == ":memory:":
+            yield
+            return
+        path = f"{database}.{job_name}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot create lock file {path}: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                raise JobLocked(
+                    f"job {job_name!r} is already running ({holder or 'another process'}); "
+                    "this run did nothing. If it is a cron job, let runs finish before the "
+                    "next starts (e.g. flock -n in the crontab)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     @property
     def safe_url(self) -> str:

@@ -343,3 +343,23 @@ def test_large_message_is_streamed_through(old_account, new_account, config):
         (path.parent / f"mailmigrate.db{suffix}").unlink(missing_ok=True)
     again = run(path)
     assert again.ok and again.counts["skipped"] == 7 and again.counts.get("copied", 0) == 0
+
+
+def test_overlapping_run_of_the_same_job_does_nothing(filled, old_account, new_account,
+                                                      config, tmp_path):
+    path = config()
+    store = Store(f"sqlite:///{tmp_path / 'mailmigrate.db'}")
+    try:
+        with store.job_lock("alice"):  # as if a cron run were still busy
+            proc = run_cli("run", "-c", str(path), "--no-progress")
+            assert proc.returncode == 3
+            assert "job 'alice' is already running (pid" in proc.stderr
+            assert "alice: already running elsewhere; nothing was done" in proc.stdout
+            assert sum(len(v) for v in mailgen.snapshot(new_account).values()) == 0
+            # a dry run is read-only and may look meanwhile
+            assert run_cli("run", "-c", str(path), "--dry-run").returncode == 0
+    finally:
+        store.close()
+    proc = run_cli("run", "-c", str(path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert_copied(old_account, new_account)
