@@ -11,7 +11,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -153,6 +153,21 @@ class JobRunner:
         with self._lock:
             self.result.warnings.append(text)
         log.warning("%s: %s", self.job.name, text)
+
+    def batches(self, rows: Sequence[MessageRow], max_bytes: int) -> Iterator[list[MessageRow]]:
+        """Consecutive rows in size- and count-bounded batches; a large message travels
+        alone."""
+        batch: list[MessageRow] = []
+        size = 0
+        for r in rows:
+            if batch and (size + r.size > max_bytes
+                          or len(batch) >= self.options.batch_messages):
+                yield batch
+                batch, size = [], 0
+            batch.append(r)
+            size += r.size
+        if batch:
+            yield batch
 
     def revive(self, present: Sequence[MessageRow]) -> None:
         """Rows marked vanished whose message is back at the source (some servers hide

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -246,20 +246,6 @@ class ImapCopy(JobRunner):
 
     # --- copying -----------------------------------------------------------------
 
-    def _batches(self, rows: Sequence[MessageRow]) -> Iterator[list[MessageRow]]:
-        """Size-bounded batches: a large message travels alone."""
-        batch: list[MessageRow] = []
-        size = 0
-        for r in rows:
-            if batch and (size + r.size > self.options.batch_bytes
-                          or len(batch) >= self.options.batch_messages):
-                yield batch
-                batch, size = [], 0
-            batch.append(r)
-            size += r.size
-        if batch:
-            yield batch
-
     def _copy_pending(self, src, dst, plan, dsel, pending, by_uid, rows, progress) -> None:
         # What the destination already holds, for duplicate detection: (Message-ID, size)
         # → UIDs, minus UIDs already accounted for by a verified row of this folder.
@@ -276,7 +262,8 @@ class ImapCopy(JobRunner):
             self._copy_large(src, dst, plan, dsel, row, by_uid, dest_index, claimed)
             progress.advance(1)
         large_ids = {r.id for r in large}
-        for batch in self._batches([r for r in pending if r.id not in large_ids]):
+        for batch in self.batches([r for r in pending if r.id not in large_ids],
+                                  self.options.batch_bytes):
             self._copy_in_memory(src, dst, plan, dsel, batch, by_uid, dest_index, claimed)
             progress.advance(len(batch))
 

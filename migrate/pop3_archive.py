@@ -61,7 +61,8 @@ class Pop3Archive(JobRunner):
                 session.close()
                 return
             progress.grow(len(pending))
-            for batch in self._batches(pending):
+            # twice the IMAP batch: the bodies stream to disk, only a commit is per batch
+            for batch in self.batches(pending, self.options.batch_bytes * 2):
                 self._archive_batch(session, by_key, batch, progress)
             self._delete(session, by_key)
         except BaseException:
@@ -92,18 +93,6 @@ class Pop3Archive(JobRunner):
         return rows
 
     # --- archiving ---------------------------------------------------------------
-
-    def _batches(self, rows: list[MessageRow]):
-        batch, size = [], 0
-        for r in rows:
-            if batch and (size + r.size > self.options.batch_bytes * 2
-                          or len(batch) >= self.options.batch_messages):
-                yield batch
-                batch, size = [], 0
-            batch.append(r)
-            size += r.size
-        if batch:
-            yield batch
 
     def _archive_batch(self, session: Pop3Session, by_key: dict[str, Pop3Message],
                        rows: list[MessageRow], progress: Progress) -> None:

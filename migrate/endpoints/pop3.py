@@ -8,6 +8,7 @@ QUIT deletes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import poplib
 import socket
 import ssl
@@ -90,6 +91,19 @@ class Pop3Session:
             raise
         return cls(endpoint, client)
 
+    @contextlib.contextmanager
+    def _command(self, refused: Callable[[str], Exception]):
+        """Map poplib's failures: a closed connection (which poplib reports like a -ERR)
+        becomes ConnectionLost, a real -ERR answer becomes ``refused(server text)``."""
+        try:
+            yield
+        except poplib.error_proto as exc:
+            if _dropped(exc):
+                raise self._lost(exc) from None
+            raise refused(_text(exc)) from None
+        except (OSError, EOFError) as exc:
+            raise self._lost(exc) from None
+
     def _lost(self, exc: BaseException) -> ConnectionLost:
         return ConnectionLost(f"connection to POP3 server {self.endpoint.host}:"
                               f"{self.endpoint.port} lost: {exc.__class__.__name__}: {exc}")
@@ -119,15 +133,9 @@ class Pop3Session:
             raise self._lost(exc) from None
 
     def list_messages(self) -> list[Pop3Message]:
-        try:
+        with self._command(lambda t: MailboxError(f"POP3 UIDL/LIST failed: {t}")):
             _resp, uidl_lines, _ = self.client.uidl()
             _resp, size_lines, _ = self.client.list()
-        except poplib.error_proto as exc:
-            if _dropped(exc):
-                raise self._lost(exc) from None
-            raise MailboxError(f"POP3 UIDL/LIST failed: {_text(exc)}") from None
-        except OSError as exc:
-            raise self._lost(exc) from None
         uidls = []
         for line in uidl_lines:
             num, _, uidl = line.decode("ascii", "replace").partition(" ")
@@ -143,7 +151,7 @@ class Pop3Session:
         """RETR ``number``, passing the message bytes (CRLF lines, dot-unstuffed) to
         ``write`` as they arrive.  Returns the number of bytes passed on."""
         c = self.client
-        try:
+        with self._command(lambda t: MessageError(f"POP3 RETR {number} failed: {t}")):
             c._putcmd(f"RETR {number}")
             resp = c._getresp()
             if not resp.startswith(b"+"):
@@ -160,34 +168,16 @@ class Pop3Session:
                     except Exception as exc:  # noqa: BLE001 - re-raised below
                         failure = exc
             return _read_multiline(c.file, deliver, lambda: failure)
-        except poplib.error_proto as exc:
-            if _dropped(exc):
-                raise self._lost(exc) from None
-            raise MessageError(f"POP3 RETR {number} failed: {_text(exc)}") from None
-        except (OSError, EOFError) as exc:
-            raise self._lost(exc) from None
 
     def mark_deleted(self, number: int) -> None:
-        try:
+        with self._command(lambda t: MailboxError(f"POP3 DELE {number} refused: {t}")):
             self.client.dele(number)
-        except poplib.error_proto as exc:
-            if _dropped(exc):
-                raise self._lost(exc) from None
-            raise MailboxError(f"POP3 DELE {number} refused: {_text(exc)}") from None
-        except OSError as exc:
-            raise self._lost(exc) from None
 
     def quit(self) -> None:
         """QUIT: commits DELEs.  Raises ConnectionLost if the server did not confirm."""
-        try:
+        with self._command(lambda t: MailboxError(
+                f"POP3 QUIT failed, deletions not committed: {t}")):
             resp = self.client.quit()
-        except poplib.error_proto as exc:
-            if _dropped(exc):
-                raise self._lost(exc) from None
-            raise MailboxError(f"POP3 QUIT failed, deletions not committed: {_text(exc)}") \
-                from None
-        except OSError as exc:
-            raise self._lost(exc) from None
         if not resp.startswith(b"+OK"):
             raise MailboxError(f"POP3 QUIT not confirmed: {_text(resp)}")
 
