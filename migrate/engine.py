@@ -35,7 +35,9 @@ class RunOptions:
     retry_wait: float = 1.0  # first back-off in seconds, doubling, capped at 30 s
     batch_bytes: int = 4 * 1024 * 1024  # size bound of one FETCH/APPEND batch
     batch_messages: int = 200
-    use_uidplus: bool = True  # tests switch this off to exercise the search fallback
+    # Server capabilities to ignore (both sides), e.g. {"UIDPLUS"}: tests use it to exercise
+    # the fallbacks for servers without them.
+    ignore_capabilities: frozenset[str] = frozenset()
 
 
 @dataclass

@@ -67,8 +67,8 @@ class SessionPool:
             except BaseException:
                 src.logout()
                 raise
-            if not self.options.use_uidplus:
-                dst.capabilities.discard("UIDPLUS")
+            for session in (src, dst):
+                session.capabilities -= self.options.ignore_capabilities
             return src, dst
         pair = retrying(self.options)(attempt)
         with self._lock:

@@ -174,12 +174,19 @@ def test_folder_filters_and_map(filled, old_account, new_account, config):
     assert content(new)["Drafts"] == old["INBOX.Entwürfe"]
 
 
-def test_without_uidplus_copies_are_found_by_search(filled, old_account, new_account, config):
+@pytest.mark.parametrize("ignored", [{"UIDPLUS"}, {"UIDPLUS", "LITERAL+"},
+                                     {"MULTIAPPEND", "LITERAL+"}],
+                         ids=["no-uidplus", "no-literal-plus", "no-multiappend"])
+def test_fallbacks_for_servers_without_extensions(ignored, filled, old_account, new_account,
+                                                  config):
+    """Without APPENDUID copies are found by search; without LITERAL+ / MULTIAPPEND the
+    synchronising and one-by-one paths are used, for batches and for streamed messages."""
     body, mid = mailgen.make_message(random.Random(6), 2)
     twin = mailgen.TestMessage("INBOX", body, (), filled[0].date, mid)
     mailgen.fill(old_account, [twin, twin])  # identical twins in one batch
     filled = filled + [twin, twin]
-    result = run(config(), use_uidplus=False)
+    # 1 MB batches: the 3 MB message takes the streamed path
+    result = run(config(), ignore_capabilities=frozenset(ignored), batch_bytes=1024 * 1024)
     assert result.ok, result.errors
     assert result.counts["copied"] == len(filled)
     assert_copied(old_account, new_account)
@@ -363,3 +370,24 @@ def test_overlapping_run_of_the_same_job_does_nothing(filled, old_account, new_a
     proc = run_cli("run", "-c", str(path), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert_copied(old_account, new_account)
+
+
+def test_no_deletion_without_uidplus(filled, old_account, new_account, config):
+    """Without UID EXPUNGE a bare EXPUNGE would also remove what others flagged
+    \\Deleted: mailmigrate copies, verifies, and deletes nothing."""
+    client = mailgen.connect(old_account)
+    client.select_folder("INBOX")
+    someone_elses = client.search("ALL")[:1]
+    client.add_flags(someone_elses, ["\\Deleted"])  # flagged by another client
+    client.logout()
+    result = run(config(delete_after_verify=True),
+                 ignore_capabilities=frozenset({"UIDPLUS"}))
+    assert not result.ok
+    assert any("lacks UIDPLUS" in e and "nothing was deleted" in e for e in result.errors)
+    assert result.counts.get("deleted", 0) == 0
+    assert sum(len(v) for v in mailgen.snapshot(old_account).values()) == len(filled)
+    client = mailgen.connect(old_account)  # \\Deleted is never copied; compare the rest
+    client.select_folder("INBOX")
+    client.remove_flags(someone_elses, ["\\Deleted"])
+    client.logout()
+    assert_copied(old_account, new_account)  # the copy itself is complete
