@@ -221,6 +221,11 @@ class ImapSession:
                                 ssl=endpoint.security == "ssl", ssl_context=ctx,
                                 timeout=endpoint.timeout)
             client.normalise_times = False  # keep INTERNALDATE timezone-aware
+            # imapclient sets imaplib's debug level to 5 to feed its logger; imaplib then
+            # formats a repr of every response - message bodies included - whether or not
+            # anything is logged (a third of our CPU), and at level 4 it would format the
+            # LOGIN command with the password.  Off.
+            client._imap.debug = 0
             if endpoint.security == "starttls":
                 if not client.has_capability("STARTTLS"):
                     raise MailboxError(

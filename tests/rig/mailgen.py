@@ -129,6 +129,7 @@ def connect(account: Account) -> IMAPClient:
     client = IMAPClient(account.host, port=account.server.ports["imaps"], ssl_context=ctx,
                         timeout=30)
     client.normalise_times = False
+    client._imap.debug = 0  # see migrate.endpoints.imap: imaplib would repr every body
     client.login(account.username, account.password)
     return client
 
