@@ -107,17 +107,30 @@ class Pop3Archive(JobRunner):
             if r.state != State.APPENDING])
         faults.checkpoint("after-intent")
         stored, failed = [], []
-        for row in rows:
-            msg = by_key[row.source_key]
-            try:
-                written = self._retrieve_to_file(session, msg, names[row.id])
-                stored.append((row, written))
-                faults.checkpoint("message-written")
-            except MessageError as exc:  # this message only; the connection is in sync
-                failed.append({"id": row.id, "last_error": str(exc)})
-                self.result.errors.append(f"message {row.source_key} ({msg.size} bytes): "
-                                          f"{exc}; it stays on the server")
-            progress.advance(1)
+        by_number = {by_key[r.source_key].number: r for r in rows}
+        writers: dict[int, object] = {}
+
+        def sink_for(number: int):
+            writer = self.archive.writer(names[by_number[number].id])
+            writers[number] = writer
+            return writer.write
+
+        try:
+            for number, outcome in session.retrieve_many(sorted(by_number), sink_for):
+                row = by_number[number]
+                msg = by_key[row.source_key]
+                try:
+                    written = self._store_file(writers.pop(number, None), msg, outcome)
+                    stored.append((row, written))
+                    faults.checkpoint("message-written")
+                except MessageError as exc:  # this message only; the session is in step
+                    failed.append({"id": row.id, "last_error": str(exc)})
+                    self.error(f"message {row.source_key} ({msg.size} bytes): {exc}; it "
+                               "stays on the server")
+                progress.advance(1)
+        finally:
+            for writer in writers.values():  # the connection dropped mid-batch
+                writer.abort()
         self.archive.sync()
         faults.checkpoint("archive-written")
         verified = []
@@ -139,16 +152,18 @@ class Pop3Archive(JobRunner):
         self.counters.add("bytes", sum(w.size for _, w in verified))
         self.counters.add("failed", len(failed))
 
-    def _retrieve_to_file(self, session: Pop3Session, msg: Pop3Message, name: str):
-        writer = self.archive.writer(name)
-        try:
-            received = session.retrieve(msg.number, writer.write)
-        except BaseException:
-            writer.abort()
-            raise
+    @staticmethod
+    def _store_file(writer, msg: Pop3Message, outcome):
+        """Finish one retrieved message: commit its file and check its size."""
+        if isinstance(outcome, BaseException):
+            if writer is not None:
+                writer.abort()
+            if isinstance(outcome, MessageError):
+                raise outcome
+            raise ArchiveWriteError(f"storing the message failed: {outcome}")
         written = writer.commit(sync_dir=False)
-        if received != written.size:
-            raise ArchiveWriteError(f"received {received} bytes but stored {written.size}")
+        if outcome != written.size:
+            raise ArchiveWriteError(f"received {outcome} bytes but stored {written.size}")
         if msg.size and written.size != msg.size:
             raise ArchiveWriteError(
                 f"server announced {msg.size} bytes (LIST) but sent {written.size}; the "

@@ -124,3 +124,14 @@ def test_missing_password_env_fails_before_connecting(old_account, tmp_path):
     assert "password_env = 'MM_TEST_UNSET_VARIABLE' but that environment variable" in proc.stderr
     with pytest.raises(ConfigError):
         cfg.load(path).jobs[0].source.password.reveal()
+
+
+def test_dovecot_pop3_offers_what_the_archive_relies_on(old_account):
+    from migrate.endpoints.pop3 import Pop3Session
+
+    session = Pop3Session.connect(endpoint(old_account, protocol="pop3"))
+    try:
+        session.require_uidl()
+        assert session.pipelining  # the pipelined RETR path is the one exercised
+    finally:
+        session.close()

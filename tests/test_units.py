@@ -131,7 +131,7 @@ def test_pop3_multiline_reader_unstuffs_across_block_boundaries(buffer_size):
     wire = stuffed + b".\r\n+OK next response\r\n"
     reader = io.BufferedReader(io.BytesIO(wire), buffer_size=buffer_size)
     got = []
-    assert _read_multiline(reader, got.append, lambda: None) == len(message)
+    assert _read_multiline(reader, got.append) == len(message)
     assert b"".join(got) == message
     assert reader.read() == b"+OK next response\r\n"  # not a byte of the next response
 
@@ -142,11 +142,10 @@ def test_pop3_multiline_reader_empty_message_and_eof():
     from migrate.endpoints.pop3 import _read_multiline
 
     got = []
-    assert _read_multiline(io.BufferedReader(io.BytesIO(b".\r\n")), got.append,
-                           lambda: None) == 0
+    assert _read_multiline(io.BufferedReader(io.BytesIO(b".\r\n")), got.append) == 0
     assert got == []
     with pytest.raises(EOFError):
-        _read_multiline(io.BufferedReader(io.BytesIO(b"abc\r\n")), got.append, lambda: None)
+        _read_multiline(io.BufferedReader(io.BytesIO(b"abc\r\n")), got.append)
 
 
 def test_pop3_duplicate_uidls_get_distinct_keys():

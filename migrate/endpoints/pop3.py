@@ -12,7 +12,7 @@ import contextlib
 import poplib
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..config import Endpoint
@@ -46,6 +46,7 @@ class Pop3Session:
     def __init__(self, endpoint: Endpoint, client: poplib.POP3):
         self.endpoint = endpoint
         self.client = client
+        self.pipelining = False  # learnt from CAPA
 
     @classmethod
     def connect(cls, endpoint: Endpoint) -> Pop3Session:
@@ -117,6 +118,7 @@ class Pop3Session:
             caps = {}  # no CAPA: try UIDL itself below
         except OSError as exc:
             raise self._lost(exc) from None
+        self.pipelining = "PIPELINING" in caps
         if "UIDL" in caps:
             return
         try:
@@ -150,24 +152,40 @@ class Pop3Session:
     def retrieve(self, number: int, write: Callable[[bytes], object]) -> int:
         """RETR ``number``, passing the message bytes (CRLF lines, dot-unstuffed) to
         ``write`` as they arrive.  Returns the number of bytes passed on."""
-        c = self.client
-        with self._command(lambda t: MessageError(f"POP3 RETR {number} failed: {t}")):
-            c._putcmd(f"RETR {number}")
-            resp = c._getresp()
-            if not resp.startswith(b"+"):
-                raise MessageError(f"POP3 RETR {number} refused: {_text(resp)}")
-            failure: BaseException | None = None
+        ((_, outcome),) = self.retrieve_many([number], lambda _n: write)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-            def deliver(chunk: bytes) -> None:
-                # If the sink fails (disk full), keep reading to the end of the message so
-                # the connection stays in step for the next one; raise afterwards.
-                nonlocal failure
-                if failure is None:
-                    try:
-                        write(chunk)
-                    except Exception as exc:  # noqa: BLE001 - re-raised below
-                        failure = exc
-            return _read_multiline(c.file, deliver, lambda: failure)
+    def retrieve_many(self, numbers: Sequence[int],
+                      sink_for: Callable[[int], Callable[[bytes], object]]
+                      ) -> Iterator[tuple[int, int | BaseException]]:
+        """RETR several messages; yields (number, bytes passed on) or (number, the
+        MessageError of that message).  Where the server offers PIPELINING (RFC 2449)
+        all RETR commands go out at once, so the server never waits for the next one.
+
+        ``sink_for(number)`` gives the function that receives the message's bytes.  If
+        it (or the sink) fails, the message is still read to its end so the connection
+        stays in step; the failure is what is yielded for that message.
+        """
+        c = self.client
+        pipelined = self.pipelining and len(numbers) > 1
+        with self._command(lambda t: MessageError(f"POP3 RETR failed: {t}")):
+            if pipelined:
+                c.sock.sendall(b"".join(f"RETR {n}\r\n".encode() for n in numbers))
+            for number in numbers:
+                if not pipelined:
+                    c._putcmd(f"RETR {number}")
+                try:
+                    c._getresp()
+                except poplib.error_proto as exc:
+                    if _dropped(exc):
+                        raise
+                    yield number, MessageError(f"POP3 RETR {number} refused: {_text(exc)}")
+                    continue
+                sink = _Guarded(sink_for, number)
+                count = _read_multiline(c.file, sink)
+                yield number, sink.failure if sink.failure is not None else count
 
     def mark_deleted(self, number: int) -> None:
         with self._command(lambda t: MailboxError(f"POP3 DELE {number} refused: {t}")):
@@ -189,7 +207,27 @@ class Pop3Session:
             pass
 
 
-def _read_multiline(f, deliver: Callable[[bytes], None], failure: Callable) -> int:
+class _Guarded:
+    """Passes bytes on to a message's sink until the sink fails; after that it only
+    remembers the failure, so the rest of the message is still read off the wire."""
+
+    def __init__(self, sink_for: Callable[[int], Callable[[bytes], object]], number: int):
+        self.failure: BaseException | None = None
+        self.write: Callable[[bytes], object] | None = None
+        try:
+            self.write = sink_for(number)
+        except Exception as exc:  # noqa: BLE001 - reported for this message
+            self.failure = exc
+
+    def __call__(self, chunk: bytes) -> None:
+        if self.failure is None:
+            try:
+                self.write(chunk)
+            except Exception as exc:  # noqa: BLE001 - reported for this message
+                self.failure = exc
+
+
+def _read_multiline(f, deliver: Callable[[bytes], None]) -> int:
     """Read a dot-terminated POP3 response body from buffered reader ``f``, undoing
     byte-stuffing, and hand it to ``deliver`` in large pieces.  Returns the byte count.
 
@@ -226,9 +264,6 @@ def _read_multiline(f, deliver: Callable[[bytes], None], failure: Callable) -> i
             deliver(block)
             total += len(block)
         if end >= 0:
-            error = failure()
-            if error is not None:
-                raise error
             return total
 
 
