@@ -142,7 +142,17 @@ class ImapCopy(JobRunner):
                     continue
                 created.add(p.destination)
                 log.info("%s: created folder %r", self.job.name, p.destination)
-        return [p for p in plans if p.destination not in failed]
+        plans = [p for p in plans if p.destination not in failed]
+        if not self.dry:
+            # Open each destination folder once, here, one at a time: servers that create
+            # special-use folders on first access (Dovecot's auto = create) have been seen
+            # to crash, and even lose mail, when parallel sessions do that at once.
+            for name in dict.fromkeys(p.destination for p in plans):
+                try:
+                    dst.select(name, readonly=True)
+                except FolderError:
+                    pass  # reported by that folder's own sync
+        return plans
 
     @staticmethod
     def _with_pair(pool: SessionPool, work, *args):
@@ -532,6 +542,30 @@ class ImapCopy(JobRunner):
 
     # --- deletion ----------------------------------------------------------------
 
+    def _still_at_destination(self, dst: ImapSession, fr: FolderRun,
+                              rows: list[MessageRow]) -> list[MessageRow]:
+        """Look the verified copies up once more, right before deleting their originals:
+        a copy that is gone (a destination bug, another client) is not a reason to
+        delete - its message becomes failed, stays at the source and is copied again."""
+        if not rows:
+            return rows
+        dsel = dst.select(fr.plan.destination, readonly=True)
+        verified = [r for r in rows if r.state == State.VERIFIED]
+        present = dst.sizes([r.destination_uid for r in verified
+                             if r.destination_uidvalidity == dsel.uidvalidity])
+        gone = [r for r in verified if r.destination_uidvalidity != dsel.uidvalidity
+                or present.get(r.destination_uid) != r.size]
+        if gone:
+            self.store.transition(State.FAILED, [
+                {"id": r.id, "last_error": "the verified copy is gone from the destination; "
+                 "not deleted, it will be copied again"} for r in gone], bump_attempts=True)
+            self.counters.add("failed", len(gone))
+            self.error(f"folder {fr.plan.source!r}: {len(gone)} verified copies are gone "
+                       f"from {fr.plan.destination!r}; their originals were NOT deleted and "
+                       "will be copied again by the next run")
+        gone_ids = {r.id for r in gone}
+        return [r for r in rows if r.id not in gone_ids]
+
     def _delete_phase(self, pool: SessionPool, runs: list[FolderRun]) -> None:
         if self.dry:
             # The cap is checked on what a real run would delete, so the dry run tells.
@@ -560,13 +594,14 @@ class ImapCopy(JobRunner):
         if not work:
             return
 
-        def delete_in_folder(src, _dst, fr: FolderRun, candidates: list[MessageRow]):
+        def delete_in_folder(src, dst, fr: FolderRun, candidates: list[MessageRow]):
             sel = src.select(fr.plan.source, readonly=False)
             if sel.uidvalidity != fr.uidvalidity:
                 raise FolderError(
                     f"UIDVALIDITY changed during the run ({fr.uidvalidity} → "
                     f"{sel.uidvalidity}); nothing deleted in this folder")
-            todo = [r for r in candidates if r.state != State.DELETED]
+            todo = self._still_at_destination(
+                dst, fr, [r for r in candidates if r.state != State.DELETED])
             for chunk in _chunks(todo, 500):
                 # intent, then \Deleted + UID EXPUNGE of exactly these, then the record
                 self.store.transition(State.DELETING, [

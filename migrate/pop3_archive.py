@@ -183,6 +183,20 @@ class Pop3Archive(JobRunner):
             self.folder_id, [State.VERIFIED, State.DELETING]).values() if r.source_key in by_key]
         due = safety.due(rows, self.store.clock(), self.job.delete_after_verify,
                          self.job.leave_on_server_days)
+        # Look at the archive once more right before deleting: a file that is gone
+        # (removed by hand, a broken disk) is not a reason to delete the original.
+        gone = [r for r in due if r.state == State.VERIFIED
+                and self.archive.size_of(r.destination_path or "") != r.size]
+        if gone:
+            self.store.transition(State.FAILED, [
+                {"id": r.id, "last_error": "the archived file is gone; not deleted, it will "
+                 "be archived again"} for r in gone], bump_attempts=True)
+            self.counters.add("failed", len(gone))
+            self.error(f"{len(gone)} archived files are gone from {self.archive.root}; "
+                       "those messages were NOT deleted from the server and will be "
+                       "archived again by the next run")
+            gone_ids = {r.id for r in gone}
+            due = [r for r in due if r.id not in gone_ids]
         try:
             safety.check_cap(self.job.name, len(due), self.options.max_delete)
         except SafetyError as exc:

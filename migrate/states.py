@@ -14,7 +14,9 @@
 * ``deleting`` is the same for deletion: the source may or may not still have it.
 * Only ``verified`` messages may move towards ``deleting``: nothing is removed from a
   source unless its copy was proven identical and that fact is committed.  Nothing
-  leads back from ``verified`` to a state that would copy the message again.
+  leads back from ``verified`` except ``failed``: just before deleting, the copies are
+  looked up once more, and one that is gone (a server bug, another client) makes its
+  message ``failed`` — kept at the source and copied again — instead of deleted.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.SEEN: frozenset({State.APPENDING, State.COPIED, State.FAILED, State.VANISHED}),
     State.APPENDING: frozenset({State.COPIED, State.FAILED, State.VANISHED}),
     State.COPIED: frozenset({State.VERIFIED, State.FAILED, State.VANISHED}),
-    State.VERIFIED: frozenset({State.DELETING, State.VANISHED}),
+    # failed: the verified copy was gone when we looked again just before deleting
+    State.VERIFIED: frozenset({State.DELETING, State.VANISHED, State.FAILED}),
     State.DELETING: frozenset({State.DELETED, State.VERIFIED}),
     State.DELETED: frozenset(),
     State.FAILED: frozenset({State.APPENDING, State.COPIED, State.VANISHED}),

@@ -239,7 +239,8 @@ def test_delete_after_verify_removes_verified_only(batch_bytes, old_account, new
                                                        delete_after_verify=True)])
     result = run(path, batch_bytes=batch_bytes)
     assert not result.ok
-    assert result.counts["failed"] == 1 and result.counts["deleted"] == 11
+    assert result.counts["failed"] == 1 and result.counts["deleted"] == 11, \
+        (result.counts, result.errors, result.warnings)
     assert any("destination refused the message" in e for e in result.errors)
     left = [m for ms in mailgen.snapshot(old_account).values() for m in ms]
     assert len(left) == 1 and left[0].size > 1_000_000
@@ -301,16 +302,20 @@ def test_kill_9_during_deletion_loses_nothing(point, old_account, new_account, t
     mailgen.fill(old_account, msgs)
     path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account,
                                                        delete_after_verify=True)])
-    proc = run_cli("run", "-c", str(path), "--no-progress",
-                   env={"MAILMIGRATE_CRASH_AT": f"{point}:1"})
-    assert proc.returncode == -9
-    proc = run_cli("run", "-c", str(path), "--no-progress")
+    first = run_cli("run", "-c", str(path), "--no-progress", "-v",
+                    env={"MAILMIGRATE_CRASH_AT": f"{point}:1"})
+    assert first.returncode == -9
+    proc = run_cli("run", "-c", str(path), "--no-progress", "-v")
     assert proc.returncode == 0, proc.stderr
     assert "vanished" not in proc.stderr  # our own deletion is not someone else's
     assert sum(len(v) for v in mailgen.snapshot(old_account).values()) == 0
     new = mailgen.snapshot(new_account)
-    assert sorted(m.sha256 for ms in new.values() for m in ms) == \
-        sorted(m.sha256 for m in msgs)
+    got = collections.Counter(m.sha256 for ms in new.values() for m in ms)
+    want = collections.Counter(m.sha256 for m in msgs)
+    missing = [(m.folder, m.sha256[:8]) for m in msgs if got[m.sha256] < want[m.sha256]]
+    assert got == want, (f"missing {missing}; destination "
+                         f"{ {k: len(v) for k, v in new.items()} }\nfirst run:\n"
+                         f"{first.stderr}\nsecond run:\n{proc.stdout}{proc.stderr}")
 
 
 def test_folder_that_cannot_be_created_fails_alone(filled, old_account, new_account, config):
@@ -391,3 +396,31 @@ def test_no_deletion_without_uidplus(filled, old_account, new_account, config):
     client.remove_flags(someone_elses, ["\\Deleted"])
     client.logout()
     assert_copied(old_account, new_account)  # the copy itself is complete
+
+
+def test_copy_gone_from_destination_is_not_a_reason_to_delete(filled, old_account,
+                                                              new_account, config):
+    """Verified, then the destination lost two copies (a server bug, another client):
+    the deletion run looks again, keeps those originals, and the next run re-copies."""
+    assert run(config()).ok
+    client = mailgen.connect(new_account)
+    client.select_folder("Archive/2019")
+    lost = client.search("ALL")[:2]
+    client.delete_messages(lost)
+    client.expunge()
+    client.logout()
+    path = config(delete_after_verify=True)
+    second = run(path)
+    assert not second.ok
+    assert any("2 verified copies are gone from 'Archive/2019'; their originals were NOT "
+               "deleted" in e for e in second.errors), second.errors
+    assert second.counts["deleted"] == len(filled) - 2
+    left = mailgen.snapshot(old_account)
+    assert len(left["INBOX.Archive.2019"]) == 2 and sum(len(v) for v in left.values()) == 2
+    third = run(path)
+    assert third.ok, third.errors
+    assert third.counts["copied"] == 2 and third.counts["deleted"] == 2
+    assert sum(len(v) for v in mailgen.snapshot(old_account).values()) == 0
+    new = mailgen.snapshot(new_account)
+    assert collections.Counter(m.sha256 for ms in new.values() for m in ms) == \
+        collections.Counter(m.sha256 for m in filled)

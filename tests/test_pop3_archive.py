@@ -340,3 +340,24 @@ def test_refused_job_does_not_stop_the_others(filled, old_account, new_account, 
     # the other job ran: it archived what the IMAP job had copied to new_account
     assert f"bob-pop: {len(filled)} archived" in proc.stdout
     assert (tmp_path / "arch2" / "new").is_dir()
+
+
+def test_archive_file_gone_before_deletion_keeps_the_message(filled, old_account, tmp_path):
+    arch = tmp_path / "arch"
+    assert run(write_config(tmp_path / "c.toml", [pop_job(old_account, arch)])).ok
+    files = sorted((arch / "new").iterdir())
+    files[0].unlink()  # lost from the archive
+    read = files[1]  # read by a mail client: moved to cur/ with flags
+    read.rename(arch / "cur" / (read.name + ":2,S"))
+    path = write_config(tmp_path / "c.toml", [pop_job(old_account, arch,
+                                                      delete_after_verify=True)])
+    second = run(path)
+    assert not second.ok
+    assert any("1 archived files are gone" in e for e in second.errors), second.errors
+    assert second.counts["deleted"] == len(filled) - 1  # the moved file still counts
+    assert len(mailgen.snapshot(old_account)["INBOX"]) == 1
+    third = run(path)
+    assert third.ok, third.errors
+    assert third.counts["copied"] == 1 and third.counts["deleted"] == 1
+    assert server_bodies(old_account) == collections.Counter()
+    assert hashes(archive_files(arch)) == collections.Counter(m.sha256 for m in filled)

@@ -142,8 +142,8 @@ def test_state_machine_table_is_consistent():
     assert sources_of(State.DELETING) == {State.VERIFIED}
     assert not can_move(State.SEEN, State.DELETED)
     assert not TRANSITIONS[State.DELETED]
-    # nothing leads from verified back to a state that copies again
-    assert TRANSITIONS[State.VERIFIED] == {State.DELETING, State.VANISHED}
+    # from verified only to deletion, vanished, or failed (copy gone before deletion)
+    assert TRANSITIONS[State.VERIFIED] == {State.DELETING, State.VANISHED, State.FAILED}
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path):

@@ -567,8 +567,14 @@ class ImapSession:
         self.client.uid_expunge(list(uids))
 
     @_guard
-    def uids(self) -> set[int]:
-        return {int(u) for u in self.client.search("ALL")}
+    def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        """UID → RFC822.SIZE for those of ``uids`` that exist in the selected folder."""
+        if not uids:
+            return {}
+        data = self._fetch_range(uid_set_text(uids), "(RFC822.SIZE)")
+        wanted = set(uids)
+        return {int(u): int(it[b"RFC822.SIZE"]) for u, it in data.items()
+                if int(u) in wanted and b"RFC822.SIZE" in it}
 
 
 def _server_text(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ second one.  The result is a standard Maildir (Python's mailbox.Maildir, mutt, D
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import socket
@@ -47,8 +48,18 @@ class MaildirArchive:
         digest = hashlib.sha256(f"{job}\0{source_key}".encode()).hexdigest()[:32]
         return f"{first_seen_epoch}.M{digest}.{_HOST}"
 
-    def exists(self, relpath: str) -> bool:
-        return (self.root / relpath).is_file()
+    def size_of(self, relpath: str) -> int | None:
+        """Size of a stored message, also after a mail client moved it from new/ to cur/
+        (adding ':2,<flags>' to its name); None if it is gone."""
+        name = Path(relpath).name
+        candidates = [self.root / "new" / name, self.root / "cur" / name,
+                      *(self.root / "cur").glob(f"{glob.escape(name)}:2,*")]
+        for path in candidates:
+            try:
+                return path.stat().st_size
+            except OSError:
+                continue
+        return None
 
     def writer(self, name: str) -> _MessageWriter:
         return _MessageWriter(self.root, name)
