@@ -277,7 +277,7 @@ def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
         raise
     result.elapsed = time.monotonic() - started
     result.counts = dict(counters.values)
-    if result.counts.get("failed"):
+    if result.counts.get("failed") or result.errors:
         outcome = "failed"
     if run_id is not None:
         store.finish_run(run_id, outcome, result.counts,

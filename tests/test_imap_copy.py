@@ -327,6 +327,10 @@ def test_folder_that_cannot_be_created_fails_alone(filled, old_account, new_acco
     names = dict(EXPECTED_NAMES)
     del names["INBOX.Archive"]
     assert_copied(old_account, new_account, names)  # every other folder was copied
+    store = Store(f"sqlite:///{path.parent / 'mailmigrate.db'}")
+    (recorded,) = store.runs(store.find_job("alice"))
+    store.close()
+    assert recorded["outcome"] == "failed" and "cannot create folder" in recorded["error"]
 
 
 def test_large_message_is_streamed_through(old_account, new_account, config):
