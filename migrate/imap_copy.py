@@ -385,6 +385,10 @@ class ImapCopy(JobRunner):
     def _fail(self, plan, failures) -> None:
         self.store.transition(State.FAILED, [{"id": r.id, "last_error": text}
                                              for r, text in failures], bump_attempts=True)
+        self._report(plan, failures)
+
+    def _report(self, plan, failures) -> None:
+        """Count and report failed messages: [(row, why)]."""
         self.counters.add("failed", len(failures))
         for r, text in failures:
             self.error(f"folder {plan.source!r}: message UID {r.source_uid} ({r.size} bytes, "
@@ -416,7 +420,6 @@ class ImapCopy(JobRunner):
         faults.checkpoint("after-append")
         pairs = list(zip(rows, outcome, strict=True))
         appended = {r.id: u for r, u in pairs if not isinstance(u, Exception)}
-        rejected = [(r, u) for r, u in pairs if isinstance(u, Exception)]
 
         unknown = [r for r in rows if r.id in appended and appended[r.id] is None]
         if unknown:  # no APPENDUID: find the new copies by size + sha256 (search)
@@ -435,42 +438,32 @@ class ImapCopy(JobRunner):
         if with_uid:
             dsel.uidnext = max(dsel.uidnext or 0, max(with_uid.values()) + 1)
 
-        copied, verified, failed = [], [], []
-        for r in rows:
-            if r.id not in appended:
-                continue
-            uid = appended[r.id]
-            if uid is None:
-                failed.append({"id": r.id, "last_error":
-                               "appended, but the copy could not be found at the destination "
-                               "to verify it"})
-                continue
-            copied.append({"id": r.id, "destination_uidvalidity": dsel.uidvalidity,
-                           "destination_uid": uid})
-            if copied_back.get(uid) == digests[r.id]:
-                verified.append({"id": r.id, "last_error": None})
+        copied, verified, failures = [], [], []  # failures: (row, why)
+        for r, result in pairs:
+            uid = appended.get(r.id)
+            if isinstance(result, Exception):
+                failures.append((r, str(result)))
+            elif uid is None:
+                failures.append((r, "appended, but the copy could not be found at the "
+                                    "destination to verify it"))
             else:
-                failed.append({"id": r.id, "last_error":
-                               f"verification failed: destination UID {uid} differs from the "
-                               f"source (sha256 {digests[r.id][:12]}… expected, "
-                               f"{(copied_back.get(uid) or 'nothing')[:12]}… found)"})
-        for r, exc in rejected:
-            failed.append({"id": r.id, "last_error": str(exc)})
-            self.error(f"folder {plan.source!r}: message UID {r.source_uid} "
-                        f"({r.size} bytes, {r.message_id or 'no Message-ID'}): {exc}")
-        failed_ids = {f["id"] for f in failed}
+                copied.append({"id": r.id, "destination_uidvalidity": dsel.uidvalidity,
+                               "destination_uid": uid})
+                if copied_back.get(uid) == digests[r.id]:
+                    verified.append(r)
+                else:
+                    failures.append((r, f"verification failed: destination UID {uid} differs "
+                                        f"from the source (sha256 {digests[r.id][:12]}… "
+                                        f"expected, {(copied_back.get(uid) or 'nothing')[:12]}… "
+                                        "found)"))
         self.store.apply([
             (State.COPIED, copied, False),
-            (State.VERIFIED, verified, False),
-            (State.FAILED, failed, True),
+            (State.VERIFIED, [{"id": r.id, "last_error": None} for r in verified], False),
+            (State.FAILED, [{"id": r.id, "last_error": why} for r, why in failures], True),
         ])
-        for f in failed:
-            if not any(f["id"] == r.id for r, _ in rejected):
-                self.error(f"folder {plan.source!r}: {f['last_error']}")
+        self._report(plan, failures)
         self.counters.add("copied", len(verified))
-        self.counters.add("failed", len(failed_ids))
-        self.counters.add("bytes", sum(r.size for r in rows if any(
-            v["id"] == r.id for v in verified)))
+        self.counters.add("bytes", sum(r.size for r in verified))
 
     def _verify_copied(self, dst, dsel, rows: list[MessageRow], progress) -> None:
         """Messages appended by an earlier run that stopped before verifying them."""
