@@ -428,3 +428,11 @@ def test_copy_gone_from_destination_is_not_a_reason_to_delete(filled, old_accoun
     new = mailgen.snapshot(new_account)
     assert collections.Counter(m.sha256 for ms in new.values() for m in ms) == \
         collections.Counter(m.sha256 for m in filled)
+
+
+def test_progress_bar_when_asked_and_silent_otherwise(filled, config, capfd):
+    run(config(), progress=True)
+    err = capfd.readouterr().err
+    assert "alice:" in err and f"/{len(filled)} [" in err and "msg/s" in err  # total grew
+    run(config())  # progress=False, as on a non-TTY (cron): nothing on stderr
+    assert capfd.readouterr().err == ""

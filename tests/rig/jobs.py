@@ -53,7 +53,8 @@ def imap_job(name, old_account, new_account, **extra) -> dict:
 
 def run(config_path: Path, dry_run: bool = False, **options) -> JobResult:
     config = cfg.load(config_path)
-    opts = RunOptions(dry_run=dry_run, progress=False, retry_wait=0.05, **options)
+    options.setdefault("progress", False)
+    opts = RunOptions(dry_run=dry_run, retry_wait=0.05, **options)
     (result,) = run_jobs(config, None, opts)
     return result
 
