@@ -171,6 +171,17 @@ class JobRunner:
         if batch:
             yield batch
 
+    def keep_back(self, gone: Sequence[MessageRow], why: str, report: str) -> set[int]:
+        """Verified messages whose copy is gone when looked at right before deleting the
+        originals: they become failed (kept at the source, copied again by the next
+        run), never deleted.  Returns their ids."""
+        if gone:
+            self.store.transition(State.FAILED, [{"id": r.id, "last_error": why}
+                                                 for r in gone], bump_attempts=True)
+            self.counters.add("failed", len(gone))
+            self.error(report)
+        return {r.id for r in gone}
+
     def revive(self, present: Sequence[MessageRow]) -> None:
         """Rows marked vanished whose message is back at the source (some servers hide
         messages for a while): they go through the copy path again — never lost."""

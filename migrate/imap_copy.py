@@ -548,15 +548,12 @@ class ImapCopy(JobRunner):
                              if r.destination_uidvalidity == dsel.uidvalidity])
         gone = [r for r in verified if r.destination_uidvalidity != dsel.uidvalidity
                 or present.get(r.destination_uid) != r.size]
-        if gone:
-            self.store.transition(State.FAILED, [
-                {"id": r.id, "last_error": "the verified copy is gone from the destination; "
-                 "not deleted, it will be copied again"} for r in gone], bump_attempts=True)
-            self.counters.add("failed", len(gone))
-            self.error(f"folder {fr.plan.source!r}: {len(gone)} verified copies are gone "
-                       f"from {fr.plan.destination!r}; their originals were NOT deleted and "
-                       "will be copied again by the next run")
-        gone_ids = {r.id for r in gone}
+        gone_ids = self.keep_back(
+            gone, "the verified copy is gone from the destination; not deleted, it will be "
+                  "copied again",
+            f"folder {fr.plan.source!r}: {len(gone)} verified copies are gone from "
+            f"{fr.plan.destination!r}; their originals were NOT deleted and will be copied "
+            "again by the next run")
         return [r for r in rows if r.id not in gone_ids]
 
     def _delete_phase(self, pool: SessionPool, runs: list[FolderRun]) -> None:

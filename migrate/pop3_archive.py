@@ -187,16 +187,11 @@ class Pop3Archive(JobRunner):
         # (removed by hand, a broken disk) is not a reason to delete the original.
         gone = [r for r in due if r.state == State.VERIFIED
                 and self.archive.size_of(r.destination_path or "") != r.size]
-        if gone:
-            self.store.transition(State.FAILED, [
-                {"id": r.id, "last_error": "the archived file is gone; not deleted, it will "
-                 "be archived again"} for r in gone], bump_attempts=True)
-            self.counters.add("failed", len(gone))
-            self.error(f"{len(gone)} archived files are gone from {self.archive.root}; "
-                       "those messages were NOT deleted from the server and will be "
-                       "archived again by the next run")
-            gone_ids = {r.id for r in gone}
-            due = [r for r in due if r.id not in gone_ids]
+        gone_ids = self.keep_back(
+            gone, "the archived file is gone; not deleted, it will be archived again",
+            f"{len(gone)} archived files are gone from {self.archive.root}; those messages "
+            "were NOT deleted from the server and will be archived again by the next run")
+        due = [r for r in due if r.id not in gone_ids]
         try:
             safety.check_cap(self.job.name, len(due), self.options.max_delete)
         except SafetyError as exc:

@@ -10,7 +10,7 @@ import pytest
 from migrate.states import State
 from migrate.store import Store
 from tests.rig import mailgen
-from tests.rig.jobs import imap_job, run, run_cli, write_config
+from tests.rig.jobs import imap_job, run, run_cli, run_measuring_memory, write_config
 
 # old host name → expected new host name ('.' + "INBOX." → '/', special-use \Sent → Sent)
 EXPECTED_NAMES = {
@@ -336,20 +336,13 @@ def test_folder_that_cannot_be_created_fails_alone(filled, old_account, new_acco
 def test_large_message_is_streamed_through(old_account, new_account, config):
     """A message larger than a batch goes source → destination in 1 MB partial FETCHes:
     never whole in memory, hashed on the way, read back the same way."""
-    import tracemalloc
-
     body, mid = mailgen.make_message(random.Random(12), 1, size=12_000_000, attachment=True)
     msg = mailgen.TestMessage("INBOX.Archive", body, ("\\Seen", "$Label1"),
                               mailgen.realistic_mailbox(count=1)[0].date, mid)
     small = mailgen.realistic_mailbox(count=6, big=False, seed=13)
     mailgen.fill(old_account, [msg] + small)
     path = config()
-    tracemalloc.start()
-    try:
-        result = run(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = run_measuring_memory(path)
     assert result.ok, result.errors
     assert result.counts["copied"] == 7
     assert peak < 9_000_000, f"peak Python allocations {peak / 1e6:.1f} MB for a 12 MB message"

@@ -21,7 +21,7 @@ from migrate.engine import RunOptions, run_jobs
 from migrate.states import State
 from migrate.store import Store
 from tests.rig import mailgen
-from tests.rig.jobs import imap_job, run, run_cli, write_config
+from tests.rig.jobs import imap_job, run, run_cli, run_measuring_memory, write_config
 
 
 def pop_job(account, archive: Path, name="archive", **extra) -> dict:
@@ -270,18 +270,11 @@ def test_connection_cut_reconnects_and_finishes(cut_after, filled, old_account, 
 
 
 def test_large_message_is_streamed_not_buffered(old_account, tmp_path):
-    import tracemalloc
-
     body, _ = mailgen.make_message(random.Random(50), 1, size=20_000_000, attachment=True)
     mailgen.fill(old_account, [mailgen.TestMessage("INBOX", body, (),
                                                    mailgen.realistic_mailbox(count=1)[0].date)])
     path = write_config(tmp_path / "c.toml", [pop_job(old_account, tmp_path / "arch")])
-    tracemalloc.start()
-    try:
-        result = run(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = run_measuring_memory(path)
     assert result.ok, result.errors
     assert archive_files(tmp_path / "arch") == [body]
     assert peak < 8_000_000, f"peak Python allocations {peak / 1e6:.1f} MB for a 20 MB message"

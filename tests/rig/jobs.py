@@ -59,6 +59,19 @@ def run(config_path: Path, dry_run: bool = False, **options) -> JobResult:
     return result
 
 
+def run_measuring_memory(config_path: Path, **options) -> tuple[JobResult, int]:
+    """run(), also returning the peak of Python allocations during the run (bytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = run(config_path, **options)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300
             ) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
