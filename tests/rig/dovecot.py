@@ -9,6 +9,7 @@ runs as that user.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -103,6 +104,7 @@ class DovecotServer:
         me = pwd.getpwuid(os.getuid()).pw_name
         internal_user = "dovecot" if root else me
         login_user = "dovenull" if root else me
+        internal_group = "dovecot" if root else grp.getgrgid(os.getgid()).gr_name
         if self.inbox_prefix:
             ns = (f"  separator = {self.separator}\n  prefix = INBOX{self.separator}\n"
                   "  inbox = yes\n")
@@ -122,6 +124,7 @@ info_log_path = {self.log}
 protocols = imap pop3
 listen = 127.0.0.1
 default_internal_user = {internal_user}
+default_internal_group = {internal_group}
 default_login_user = {login_user}
 first_valid_uid = {min(self.mail_uid, 1000) if not root else 100}
 first_valid_gid = 1
