@@ -149,12 +149,7 @@ def test_changed_uidvalidity_is_reconciled_not_recopied(filled, old_account, new
 def test_vanished_messages_are_reported(filled, old_account, config):
     path = config()
     run(path)
-    client = mailgen.connect(old_account)
-    client.select_folder("INBOX")
-    uids = client.search("ALL")[:2]
-    client.delete_messages(uids)
-    client.expunge()
-    client.logout()
+    mailgen.expunge_first(old_account, "INBOX", 2)
     result = run(path)
     assert result.counts["vanished"] == 2
     assert any("2 messages vanished from the source since the last run without mailmigrate "
@@ -400,12 +395,7 @@ def test_copy_gone_from_destination_is_not_a_reason_to_delete(filled, old_accoun
     """Verified, then the destination lost two copies (a server bug, another client):
     the deletion run looks again, keeps those originals, and the next run re-copies."""
     assert run(config()).ok
-    client = mailgen.connect(new_account)
-    client.select_folder("Archive/2019")
-    lost = client.search("ALL")[:2]
-    client.delete_messages(lost)
-    client.expunge()
-    client.logout()
+    mailgen.expunge_first(new_account, "Archive/2019", 2)
     path = config(delete_after_verify=True)
     second = run(path)
     assert not second.ok

@@ -240,11 +240,7 @@ def test_protocol_binding_refuses_the_other_protocol(filled, old_account, new_ac
 def test_vanished_pop3_messages_are_reported(filled, old_account, tmp_path):
     path = write_config(tmp_path / "c.toml", [pop_job(old_account, tmp_path / "arch")])
     run(path)
-    client = mailgen.connect(old_account)
-    client.select_folder("INBOX")
-    client.delete_messages(client.search("ALL")[:3])
-    client.expunge()
-    client.logout()
+    mailgen.expunge_first(old_account, "INBOX", 3)
     result = run(path)
     assert result.counts["vanished"] == 3
     assert any("3 messages vanished from the server" in w for w in result.warnings)

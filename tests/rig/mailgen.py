@@ -148,6 +148,17 @@ def fill(account: Account, msgs: list[TestMessage]) -> None:
         client.logout()
 
 
+def expunge_first(account: Account, folder: str, count: int) -> None:
+    """Remove the first ``count`` messages of ``folder``, as another client would."""
+    client = connect(account)
+    try:
+        client.select_folder(folder)
+        client.delete_messages(client.search("ALL")[:count])
+        client.expunge()
+    finally:
+        client.logout()
+
+
 @dataclass(frozen=True)
 class Listed:
     """What a mailbox holds, for comparing before/after or source/destination."""
