@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String,
-    Table, Text, TypeDecorator, UniqueConstraint, bindparam, create_engine, event, func,
+    Table, Text, TypeDecorator, UniqueConstraint, bindparam, create_engine, event,
     insert, or_, select, update,
 )
 from sqlalchemy.engine import Engine
@@ -446,13 +446,6 @@ class Store:
         with self.engine.connect() as conn:
             return {r.source_key: _message_row(r) for r in conn.execute(q)}
 
-    def count_states(self, folder_ids: Sequence[int]) -> dict[State, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(messages.c.state, func.count()).where(
-                    messages.c.folder_id.in_(list(folder_ids))).group_by(messages.c.state))
-            return {State(s): n for s, n in rows}
-
     def add_messages(self, folder_id: int, rows: Sequence[dict]) -> dict[str, int]:
         """Insert newly discovered messages in state ``seen``; returns source_key → id.
 
@@ -544,14 +537,6 @@ class Store:
         with self._write() as conn:
             conn.execute(stmt, [{"m_id": c["id"], "v_flags": flags_to_text(c["flags"])}
                                 for c in changes])
-
-    def message_states(self, ids: Sequence[int]) -> dict[int, State]:
-        out = {}
-        with self.engine.connect() as conn:
-            for chunk in _chunks(list(ids), 500):
-                out.update((i, State(s)) for i, s in conn.execute(
-                    select(messages.c.id, messages.c.state).where(messages.c.id.in_(chunk))))
-        return out
 
 
 def _chunks(seq: Sequence, n: int):
