@@ -105,7 +105,8 @@ def _unbind(args) -> int:
     try:
         bindings = store.bindings(args.mailbox)
         if args.host:
-            bindings = [b for b in bindings if b.host == args.host.lower()]
+            host = args.host.lower()
+            bindings = [b for b in bindings if host in (b.host, b.host.rsplit(":", 1)[0])]
         if not bindings:
             print(f"mailmigrate: no protocol binding for {args.mailbox}"
                   + (f" on {args.host}" if args.host else ""), file=sys.stderr)

@@ -18,8 +18,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from tqdm import tqdm
 
 from .config import IMAP_COPY, Config, Job
-from .errors import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, JobLocked, MigrateError,
-                     SafetyError)
+from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, JobLocked, MigrateError
 from .states import State
 from .store import MessageRow, Store
 
@@ -38,6 +37,9 @@ class RunOptions:
     # Server capabilities to ignore (both sides), e.g. {"UIDPLUS"}: tests use it to exercise
     # the fallbacks for servers without them.
     ignore_capabilities: frozenset[str] = frozenset()
+    retry_failed: bool = False  # quarantined messages are tried again
+    # a message that failed this many runs is quarantined (not retried by itself)
+    quarantine_after: int = 3
 
 
 @dataclass
@@ -171,16 +173,32 @@ class JobRunner:
         if batch:
             yield batch
 
-    def keep_back(self, gone: Sequence[MessageRow], why: str, report: str) -> set[int]:
-        """Verified messages whose copy is gone when looked at right before deleting the
+    def refuse(self, exc: MigrateError) -> None:
+        """A safety refusal (e.g. --max-delete): reported, and the run exits with 2."""
+        self.error(str(exc))
+        with self._lock:
+            self.result.exit_code = max(self.result.exit_code, exc.exit_code)
+
+    def bind_source(self, aliases: Sequence[str]) -> None:
+        """Protocol binding, right after the first connection to the source told us which
+        server this really is; raises SafetyError (exit 2) before anything is read."""
+        src, job = self.job.source, self.job
+        self.store.bind_mailbox(
+            aliases, f"{src.host}:{src.port}", src.username, src.protocol, job.name,
+            deletes=job.delete_after_verify or job.leave_on_server_days is not None,
+            check_only=self.dry)
+
+    def keep_back(self, gone: Sequence[MessageRow], why: dict[int, str], report: str) -> None:
+        """Messages whose copy is gone when looked at right before deleting the
         originals: they become failed (kept at the source, copied again by the next
-        run), never deleted.  Returns their ids."""
+        run), never deleted."""
         if gone:
-            self.store.transition(State.FAILED, [{"id": r.id, "last_error": why}
+            self.store.transition(State.FAILED, [{"id": r.id, "last_error": why[r.id]}
                                                  for r in gone], bump_attempts=True)
+            for r in gone:
+                r.state = State.FAILED
             self.counters.add("failed", len(gone))
             self.error(report)
-        return {r.id for r in gone}
 
     def revive(self, present: Sequence[MessageRow]) -> None:
         """Rows marked vanished whose message is back at the source (some servers hide
@@ -251,25 +269,15 @@ def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
     from .pop3_archive import Pop3Archive
 
     result = JobResult(job.name, job.kind, options.dry_run)
-    src = job.source
-    # Protocol binding first, before any connection: refusing here touches nothing, and
-    # the other jobs of the run still go ahead.
-    try:
-        if options.dry_run:
-            binding = store.get_binding(src.host, src.username)
-            if binding and binding.protocol != src.protocol:
-                store.bind_mailbox(src.host, src.username, src.protocol, job.name)  # raises
-        else:
-            store.bind_mailbox(src.host, src.username, src.protocol, job.name)
-    except SafetyError as exc:
-        result.errors.append(str(exc))
-        result.exit_code = exc.exit_code
-        return result
     # A dry run writes nothing to the state database: it only reads what earlier runs did.
+    # The protocol binding is checked by the job right after its first connection (the
+    # server's certificate tells which server it is); a refusal there touches nothing.
     if options.dry_run:
         job_id, run_id = store.find_job(job.name), None
     else:
-        job_id = store.ensure_job(job.name, job.kind, src.host, src.username)
+        job_id = store.ensure_job(job.name, job.kind)
+        if options.retry_failed:
+            store.release_quarantine(job_id)
         run_id = store.start_run(job_id, dry_run=False)
     counters = Counters()
     started = time.monotonic()

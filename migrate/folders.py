@@ -18,6 +18,7 @@ class FolderPlan:
     destination: str
     create: bool  # the destination folder does not exist yet
     reason: str  # "map", "special-use \\Sent", "name"
+    personal: bool = True  # in the user's personal namespace (others' folders: never deleted)
 
 
 def included(name: str, rules: Folders) -> bool:

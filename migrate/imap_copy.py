@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import faults, safety
+from . import deletion, faults
 from .config import Job
+from .deletion import LookedAgain
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
 from .engine import JobRunner, Progress, RunOptions, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
@@ -123,6 +124,7 @@ class ImapCopy(JobRunner):
             pool.close()
 
     def _plan(self, src: ImapSession, dst: ImapSession) -> list[FolderPlan]:
+        self.bind_source(src.server_aliases)
         plans = plan_folders(src.list_folders(), src.delimiter, src.prefix,
                              dst.list_folders(), dst.delimiter, dst.prefix, self.job.folders)
         created: set[str] = set()
@@ -517,7 +519,7 @@ class ImapCopy(JobRunner):
         deletable = 0
         if self.job.delete_after_verify:
             deletable = sum(1 for r in rows.values() if r.source_uid in by_uid
-                            and r.state in safety.DELETABLE)
+                            and r.state in deletion.DELETABLE)
             self.counters.add("would_delete", deletable)
         self.counters.add("would_copy", len(pending))
         self.counters.add("would_copy_bytes", size)
@@ -535,26 +537,25 @@ class ImapCopy(JobRunner):
 
     # --- deletion ----------------------------------------------------------------
 
-    def _still_at_destination(self, dst: ImapSession, fr: FolderRun,
-                              rows: list[MessageRow]) -> list[MessageRow]:
-        """Look the verified copies up once more, right before deleting their originals:
-        a copy that is gone (a destination bug, another client) is not a reason to
-        delete - its message becomes failed, stays at the source and is copied again."""
-        if not rows:
-            return rows
-        dsel = dst.select(fr.plan.destination, readonly=True)
-        verified = [r for r in rows if r.state == State.VERIFIED]
-        present = dst.sizes([r.destination_uid for r in verified
-                             if r.destination_uidvalidity == dsel.uidvalidity])
-        gone = [r for r in verified if r.destination_uidvalidity != dsel.uidvalidity
-                or present.get(r.destination_uid) != r.size]
-        gone_ids = self.keep_back(
-            gone, "the verified copy is gone from the destination; not deleted, it will be "
-                  "copied again",
-            f"folder {fr.plan.source!r}: {len(gone)} verified copies are gone from "
-            f"{fr.plan.destination!r}; their originals were NOT deleted and will be copied "
-            "again by the next run")
-        return [r for r in rows if r.id not in gone_ids]
+    def look_again(self, src: ImapSession, dst: ImapSession, fr: FolderRun,
+                   rows: list[MessageRow]) -> LookedAgain:
+        """Right before deleting originals: is each copy still at the destination (same
+        UID and size), and does it carry the source's flags as they are now?  A copy
+        that is gone is copied again, never a reason to delete."""
+        seen = LookedAgain()
+        dsel = dst.select(fr.plan.destination, readonly=False)
+        mine = [r for r in rows if r.destination_uidvalidity == dsel.uidvalidity]
+        for r in rows:
+            if r.destination_uidvalidity != dsel.uidvalidity:
+                seen.gone[r.id] = ("the destination folder was re-created (UIDVALIDITY "
+                                   "changed); not deleted, it will be copied again")
+        present = dst.sizes([r.destination_uid for r in mine])
+        for r in mine:
+            if present.get(r.destination_uid) not in (r.destination_size or r.size, r.size):
+                seen.gone[r.id] = ("the verified copy is gone from the destination; not "
+                                   "deleted, it will be copied again")
+        return seen
+
 
     def _delete_phase(self, pool: SessionPool, runs: list[FolderRun]) -> None:
         if self.dry:
@@ -562,56 +563,59 @@ class ImapCopy(JobRunner):
             would = self.counters.values.get("would_delete", 0) + \
                 self.counters.values.get("would_copy", 0)
             try:
-                safety.check_cap(self.job.name, would, self.options.max_delete)
+                deletion.check_cap(self.job.name, would, self.options.max_delete)
             except SafetyError as exc:
                 self.result.plan.append(f"deletion would be refused: {exc}")
             return
-        work: list[tuple[FolderRun, list[MessageRow]]] = []
+        work = []
         for fr in runs:
-            if fr.error or fr.uidvalidity is None:
-                continue  # never delete from a folder whose sync did not finish cleanly
+            if fr.error or fr.uidvalidity is None or not fr.plan.personal:
+                # never delete from a folder whose sync did not finish cleanly, nor from
+                # another user's or a public folder
+                continue
             rows = [r for k, r in self.store.messages(fr.folder_id).items()
                     if k.startswith(f"{fr.uidvalidity}:") and r.source_uid in fr.present]
-            candidates = safety.deletable(rows)
-            if candidates:
-                work.append((fr, candidates))
-        total = sum(len(c) for _, c in work)
-        try:
-            safety.check_cap(self.job.name, total, self.options.max_delete)
-        except SafetyError as exc:
-            self.error(str(exc))
-            return
-        if not work:
-            return
+            work.append((fr, deletion.candidates(rows, self.store.clock(), True, None)))
 
-        def delete_in_folder(src, dst, fr: FolderRun, candidates: list[MessageRow]):
-            sel = src.select(fr.plan.source, readonly=False)
-            if sel.uidvalidity != fr.uidvalidity:
-                raise FolderError(
-                    f"UIDVALIDITY changed during the run ({fr.uidvalidity} → "
-                    f"{sel.uidvalidity}); nothing deleted in this folder")
-            todo = self._still_at_destination(
-                dst, fr, [r for r in candidates if r.state != State.DELETED])
-            for chunk in _chunks(todo, 500):
-                # intent, then \Deleted + UID EXPUNGE of exactly these, then the record
-                self.store.transition(State.DELETING, [
-                    {"id": r.id} for r in chunk if r.state == State.VERIFIED])
-                for r in chunk:
-                    r.state = State.DELETING
-                faults.checkpoint("before-expunge")
-                src.delete([r.source_uid for r in chunk])
-                faults.checkpoint("after-expunge")
-                self.store.transition(State.DELETED, [{"id": r.id} for r in chunk])
-                for r in chunk:
-                    r.state = State.DELETED
-                self.counters.add("deleted", len(chunk))
-
-        for fr, candidates in work:
+        def run_unit(fr: FolderRun, rows: list[MessageRow]) -> None:
+            def on_pair(src, dst):
+                deletion.delete_unit(self, _ImapFolder(self, src, dst, fr), rows)
             try:
-                retrying(self.options)(self._with_pair, pool, delete_in_folder, fr,
-                                       candidates)
+                retrying(self.options)(self._with_pair, pool, on_pair)
             except MigrateError as exc:
                 self.error(f"folder {fr.plan.source!r}: deletion: {exc}")
+
+        deletion.delete_all(self, work, run_unit)
+
+
+class _ImapFolder:
+    """The IMAP side of the deletion choke point, for one folder on one connection pair."""
+
+    batch = 500
+
+    def __init__(self, job: ImapCopy, src: ImapSession, dst: ImapSession, fr: FolderRun):
+        self.job, self.src, self.dst, self.fr = job, src, dst, fr
+        self.label = f"folder {fr.plan.source!r}"
+        self.destination = repr(fr.plan.destination)
+
+    def refusal(self) -> str | None:
+        if not self.src.has("UIDPLUS"):
+            return (f"IMAP server {self.src.endpoint.host} lacks UIDPLUS (UID EXPUNGE); "
+                    "deleting would need a bare EXPUNGE, which also removes messages other "
+                    "clients flagged \\Deleted. Refused")
+        sel = self.src.select(self.fr.plan.source, readonly=False)
+        if sel.uidvalidity != self.fr.uidvalidity:
+            return (f"UIDVALIDITY changed during the run ({self.fr.uidvalidity} → "
+                    f"{sel.uidvalidity})")
+        return None
+
+    def look_again(self, rows: list[MessageRow]) -> LookedAgain:
+        return self.job.look_again(self.src, self.dst, self.fr, rows)
+
+    def delete(self, rows: list[MessageRow]) -> None:
+        faults.checkpoint("before-expunge")
+        self.src.delete([r.source_uid for r in rows])
+        faults.checkpoint("after-expunge")
 
 
 def _fresh_row(m: MessageMeta) -> MessageRow:

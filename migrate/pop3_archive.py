@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 
-from . import faults, safety
+from . import deletion, faults
 from .config import Job
 from .endpoints.maildir import ArchiveWriteError, MaildirArchive
 from .endpoints.pop3 import Pop3Message, Pop3Session
 from .engine import Counters, JobResult, JobRunner, Progress, RunOptions, retrying
 from .errors import MessageError, SafetyError
+from .deletion import LookedAgain
 from .states import State
 from .store import MessageRow, Store
 
@@ -34,7 +35,6 @@ class Pop3Archive(JobRunner):
 
     def run(self) -> None:
         if not self.dry:
-            self.archive.ensure()
             self.folder_id = self.store.upsert_folder(
                 self.job_id, FOLDER, str(self.job.archive.path), None).id
         elif self.job_id is not None:
@@ -50,6 +50,9 @@ class Pop3Archive(JobRunner):
     def _pass(self, progress: Progress) -> None:
         session = Pop3Session.connect(self.job.source)
         try:
+            self.bind_source(session.server_aliases)
+            if not self.dry:
+                self.archive.ensure()
             session.require_uidl()
             listing = session.list_messages()
             rows = self._reconcile(listing)
@@ -181,42 +184,20 @@ class Pop3Archive(JobRunner):
             return
         rows = [r for r in self.store.messages(
             self.folder_id, [State.VERIFIED, State.DELETING]).values() if r.source_key in by_key]
-        due = safety.due(rows, self.store.clock(), self.job.delete_after_verify,
-                         self.job.leave_on_server_days)
-        # Look at the archive once more right before deleting: a file that is gone
-        # (removed by hand, a broken disk) is not a reason to delete the original.
-        gone = [r for r in due if r.state == State.VERIFIED
-                and self.archive.size_of(r.destination_path or "") != r.size]
-        gone_ids = self.keep_back(
-            gone, "the archived file is gone; not deleted, it will be archived again",
-            f"{len(gone)} archived files are gone from {self.archive.root}; those messages "
-            "were NOT deleted from the server and will be archived again by the next run")
-        due = [r for r in due if r.id not in gone_ids]
-        try:
-            safety.check_cap(self.job.name, len(due), self.options.max_delete)
-        except SafetyError as exc:
-            self.result.errors.append(str(exc))
+        due = deletion.candidates(rows, self.store.clock(), self.job.delete_after_verify,
+                                  self.job.leave_on_server_days)
+        unit = _Pop3Mailbox(self.archive, session, by_key)
+        deletion.delete_all(self, [(unit, due)],
+                            lambda u, rows: deletion.delete_unit(self, u, rows))
+        if not unit.quit_sent:
             session.quit()
-            return
-        if not due:
-            session.quit()
-            return
-        # Intent first; DELE only marks; QUIT commits on the server; then record it.
-        self.store.transition(State.DELETING, [{"id": r.id} for r in due
-                                               if r.state == State.VERIFIED])
-        for r in due:
-            session.mark_deleted(by_key[r.source_key].number)
-        faults.checkpoint("before-quit")
-        session.quit()
-        self.store.transition(State.DELETED, [{"id": r.id} for r in due])
-        self.counters.add("deleted", len(due))
 
     # --- dry run -----------------------------------------------------------------
 
     def _dry_report(self, listing, rows, pending) -> None:
         size = sum(r.size for r in pending)
         present = [rows[m.key] for m in listing]
-        due = safety.due(present, self.store.clock(), self.job.delete_after_verify,
+        due = deletion.candidates(present, self.store.clock(), self.job.delete_after_verify,
                          self.job.leave_on_server_days)
         self.counters.add("would_copy", len(pending))
         self.counters.add("would_copy_bytes", size)
@@ -233,8 +214,39 @@ class Pop3Archive(JobRunner):
             line += ", nothing will be deleted (mail stays on the server)"
         self.result.plan.append(line)
         try:
-            safety.check_cap(self.job.name, len(due) + (len(pending) if
+            deletion.check_cap(self.job.name, len(due) + (len(pending) if
                              self.job.delete_after_verify else 0), self.options.max_delete)
         except SafetyError as exc:
             self.result.plan.append(f"deletion would be refused: {exc}")
 
+
+
+class _Pop3Mailbox:
+    """The POP3 side of the deletion choke point: DELE marks, QUIT deletes."""
+
+    label = "POP3 mailbox"
+    batch = None  # one QUIT commits them all
+
+    def __init__(self, archive: MaildirArchive, session: Pop3Session,
+                 by_key: dict[str, Pop3Message]):
+        self.archive = archive
+        self.session = session
+        self.by_key = by_key
+        self.quit_sent = False
+        self.destination = f"the archive {archive.root}"
+
+    def refusal(self) -> str | None:
+        return None
+
+    def look_again(self, rows: list[MessageRow]) -> LookedAgain:
+        # A file that is gone (removed by hand, a broken disk) is no reason to delete.
+        return LookedAgain(gone={
+            r.id: "the archived file is gone; not deleted, it will be archived again"
+            for r in rows if self.archive.size_of(r.destination_path or "") != r.size})
+
+    def delete(self, rows: list[MessageRow]) -> None:
+        for r in rows:
+            self.session.mark_deleted(self.by_key[r.source_key].number)
+        faults.checkpoint("before-quit")
+        self.quit_sent = True
+        self.session.quit()

@@ -30,7 +30,7 @@ from sqlalchemy.exc import NoSuchModuleError
 from .errors import ConfigError, JobLocked, SafetyError, StateError
 from .states import State, sources_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Clock = Callable[[], dt.datetime]
 
@@ -69,7 +69,8 @@ meta = Table(
     Column("value", Text, nullable=False),
 )
 
-# A mailbox on a source server, bound to the first protocol that touched it.
+# A mailbox on a source server, bound to the first protocol that touched it.  ``host`` is
+# only a label ("host:port" as first configured); the server is recognised by its aliases.
 mailboxes = Table(
     "mailboxes", metadata,
     Column("id", Integer, primary_key=True),
@@ -81,12 +82,26 @@ mailboxes = Table(
     UniqueConstraint("host", "username", name="uq_mailbox"),
 )
 
+# What identifies the server of a mailbox, whatever name reached it: "cert:<sha256>" of
+# its TLS certificate, "ip:<address>" and "name:<host>" of public addresses.  One mailbox
+# has several; a job whose server shares any of them with a binding is the same mailbox.
+mailbox_aliases = Table(
+    "mailbox_aliases", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailbox_id", ForeignKey("mailboxes.id", ondelete="CASCADE"), nullable=False),
+    Column("username", String(320), nullable=False),
+    Column("alias", String(300), nullable=False),
+    UniqueConstraint("username", "alias", name="uq_mailbox_alias"),
+)
+
 jobs = Table(
     "jobs", metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(200), nullable=False, unique=True),
     Column("kind", String(32), nullable=False),
     Column("mailbox_id", ForeignKey("mailboxes.id"), nullable=True),
+    # does this job delete from its source mailbox (checked against other readers)
+    Column("deletes", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime, nullable=False),
 )
 
@@ -107,6 +122,7 @@ runs = Table(
     Column("deleted", Integer, nullable=False, default=0),
     Column("failed", Integer, nullable=False, default=0),
     Column("vanished", Integer, nullable=False, default=0),
+    Column("quarantined", Integer, nullable=False, default=0),
     Column("bytes", BigInteger, nullable=False, default=0),
     Column("error", Text),
 )
@@ -141,6 +157,8 @@ messages = Table(
     Column("destination_uidvalidity", BigInteger),
     Column("destination_uid", BigInteger),
     Column("destination_path", Text),
+    # RFC822.SIZE the destination reported for the verified copy (sources may miscount)
+    Column("destination_size", BigInteger),
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
@@ -187,10 +205,18 @@ class MessageRow:
     verified_at: dt.datetime | None
     attempts: int
     first_seen_at: dt.datetime | None = None
+    destination_size: int | None = None
+    internaldate: dt.datetime | None = None
+    last_error: str | None = None
 
 
 RUN_COUNTERS = ("folders", "copied", "skipped", "flags_updated", "deleted", "failed",
-                "vanished", "bytes")
+                "vanished", "quarantined", "bytes")
+
+# Columns added after schema version 1: (table, column DDL).
+_ADDED_IN_V2 = (("jobs", "deletes BOOLEAN NOT NULL DEFAULT FALSE"),
+                ("runs", "quarantined INTEGER NOT NULL DEFAULT 0"),
+                ("messages", "destination_size BIGINT"))
 
 
 def flags_to_text(flags: Iterable[str]) -> str:
@@ -225,6 +251,10 @@ class Store:
     def _open(self) -> None:
         try:
             with self._write() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    # several hosts starting at once: one creates the schema, the others
+                    # wait here and then find it
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7270431)")
                 version = None
                 if self.engine.dialect.has_table(conn, "meta"):
                     row = conn.execute(
@@ -242,6 +272,8 @@ class Store:
                 if version is None:
                     conn.execute(insert(meta).values(key="schema_version",
                                                      value=str(SCHEMA_VERSION)))
+                elif version < SCHEMA_VERSION:
+                    _upgrade(conn, version)
         except OperationalError as exc:
             raise StateError(
                 f"cannot open state database {self.safe_url}: {exc.orig}; check [state] url "
@@ -293,43 +325,95 @@ class Store:
 
     # --- protocol binding --------------------------------------------------------
 
-    def bind_mailbox(self, host: str, username: str, protocol: str, job_name: str) -> Binding:
-        """Bind host+username to ``protocol`` unless already bound; refuse the other one."""
-        host, username = host.lower(), username.lower()
-        for _ in range(2):  # second pass after losing an insert race to another host
-            existing = self.get_binding(host, username)
+    def bind_mailbox(self, aliases: Sequence[str], label: str, username: str, protocol: str,
+                     job_name: str, *, deletes: bool = False, check_only: bool = False
+                     ) -> Binding | None:
+        """Bind the mailbox ``username`` on the server known by ``aliases`` to ``protocol``,
+        unless already bound; refuse the other protocol, and refuse a second job on a
+        mailbox that one of them deletes from.  ``check_only`` (dry run) writes nothing."""
+        username = username.lower()
+        aliases = sorted(set(aliases))
+        for _ in range(3):  # again after losing an insert race to another host
+            existing = self._binding_by_alias(aliases, username)
             if existing is not None:
-                if existing.protocol != protocol:
-                    raise SafetyError(
-                        f"job {job_name!r} would use {protocol.upper()} on mailbox "
-                        f"{username} at {host}, but that mailbox is bound to "
-                        f"{existing.protocol.upper()} by job {existing.bound_by_job!r} since "
-                        f"{existing.bound_at:%Y-%m-%d %H:%M} UTC. Refused: a POP3 client "
-                        "deletes mail from the server that IMAP clients still expect, so "
-                        "mail seems to vanish. Use one protocol per mailbox; if the earlier "
-                        f"job is finished, release it with: mailmigrate unbind {username} "
-                        f"--host {host}"
-                    )
-                return existing
+                mailbox_id, binding = existing
+                self._refuse_conflicts(mailbox_id, binding, protocol, job_name, deletes)
+                if check_only:
+                    return binding
+                try:
+                    with self._write() as conn:
+                        known = set(conn.execute(select(mailbox_aliases.c.alias).where(
+                            mailbox_aliases.c.mailbox_id == mailbox_id)).scalars())
+                        fresh = [a for a in aliases if a not in known]
+                        if fresh:  # e.g. a renewed certificate: remember it as well
+                            conn.execute(insert(mailbox_aliases), [
+                                {"mailbox_id": mailbox_id, "username": username, "alias": a}
+                                for a in fresh])
+                        conn.execute(update(jobs).where(jobs.c.name == job_name)
+                                     .values(mailbox_id=mailbox_id, deletes=deletes))
+                except IntegrityError:
+                    continue
+                return binding
+            if check_only:
+                return None
             try:
                 with self._write() as conn:
-                    conn.execute(insert(mailboxes).values(
-                        host=host, username=username, protocol=protocol,
-                        bound_by_job=job_name, bound_at=self.clock()))
+                    mailbox_id = conn.execute(insert(mailboxes).values(
+                        host=label.lower(), username=username, protocol=protocol,
+                        bound_by_job=job_name, bound_at=self.clock())).inserted_primary_key[0]
+                    conn.execute(insert(mailbox_aliases), [
+                        {"mailbox_id": mailbox_id, "username": username, "alias": a}
+                        for a in aliases])
+                    conn.execute(update(jobs).where(jobs.c.name == job_name)
+                                 .values(mailbox_id=mailbox_id, deletes=deletes))
             except IntegrityError:
                 continue
-        binding = self.get_binding(host, username)
-        assert binding is not None
-        return binding
+        found = self._binding_by_alias(aliases, username)
+        if found is None:
+            raise StateError(f"cannot record the protocol binding of {username} at {label}")
+        return found[1]
 
-    def get_binding(self, host: str, username: str) -> Binding | None:
+    def _binding_by_alias(self, aliases: Sequence[str], username: str
+                          ) -> tuple[int, Binding] | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(mailboxes).where(
-                mailboxes.c.host == host.lower(),
-                mailboxes.c.username == username.lower())).first()
+            row = conn.execute(
+                select(mailboxes).join(mailbox_aliases,
+                                       mailbox_aliases.c.mailbox_id == mailboxes.c.id)
+                .where(mailbox_aliases.c.username == username,
+                       mailbox_aliases.c.alias.in_(list(aliases)))
+                .order_by(mailboxes.c.id)).first()
         if row is None:
             return None
-        return Binding(row.host, row.username, row.protocol, row.bound_by_job, row.bound_at)
+        return row.id, Binding(row.host, row.username, row.protocol, row.bound_by_job,
+                               row.bound_at)
+
+    def _refuse_conflicts(self, mailbox_id: int, binding: Binding, protocol: str,
+                          job_name: str, deletes: bool) -> None:
+        unbind = f"mailmigrate unbind {binding.username} --host {binding.host}"
+        if binding.protocol != protocol:
+            raise SafetyError(
+                f"job {job_name!r} would use {protocol.upper()} on mailbox "
+                f"{binding.username} at {binding.host}, but that mailbox is bound to "
+                f"{binding.protocol.upper()} by job {binding.bound_by_job!r} since "
+                f"{binding.bound_at:%Y-%m-%d %H:%M} UTC (the same server, recognised by its "
+                "certificate or address, whatever name reaches it). Refused: a POP3 client "
+                "deletes mail from the server that IMAP clients still expect, so mail seems "
+                "to vanish. Use one protocol per mailbox; if the earlier job is finished, "
+                f"release it with: {unbind}")
+        with self.engine.connect() as conn:
+            others = conn.execute(select(jobs.c.name, jobs.c.deletes).where(
+                jobs.c.mailbox_id == mailbox_id, jobs.c.name != job_name)).all()
+        clash = [o for o in others if o.deletes or deletes]
+        if clash:
+            other = clash[0]
+            deleter = job_name if deletes else other.name
+            raise SafetyError(
+                f"jobs {job_name!r} and {other.name!r} both read mailbox {binding.username} "
+                f"at {binding.host}, and {deleter!r} deletes from it: the other job would "
+                "silently miss every message deleted before it copied it. Refused: let one "
+                "job read each mailbox (give it several destinations in turn, or turn "
+                f"deletion off in {deleter!r}); if {other.name!r} is gone for good, release "
+                f"the mailbox with: {unbind}")
 
     def bindings(self, username: str | None = None) -> list[Binding]:
         q = select(mailboxes).order_by(mailboxes.c.host, mailboxes.c.username)
@@ -340,41 +424,37 @@ class Store:
                     for r in conn.execute(q)]
 
     def unbind(self, username: str, host: str) -> bool:
+        """Release a binding; ``host`` is its label ("host:port") or just the host part."""
+        host = host.lower()
         with self._write() as conn:
-            ids = [r.id for r in conn.execute(select(mailboxes.c.id).where(
-                mailboxes.c.username == username.lower(), mailboxes.c.host == host.lower()))]
+            ids = [r.id for r in conn.execute(select(mailboxes.c.id, mailboxes.c.host).where(
+                mailboxes.c.username == username.lower()))
+                if r.host == host or r.host.rsplit(":", 1)[0] == host]
             if not ids:
                 return False
             conn.execute(update(jobs).where(jobs.c.mailbox_id.in_(ids)).values(mailbox_id=None))
+            conn.execute(mailbox_aliases.delete().where(mailbox_aliases.c.mailbox_id.in_(ids)))
             conn.execute(mailboxes.delete().where(mailboxes.c.id.in_(ids)))
             return True
 
     # --- jobs and runs -----------------------------------------------------------
 
-    def ensure_job(self, name: str, kind: str, host: str | None = None,
-                   username: str | None = None) -> int:
+    def ensure_job(self, name: str, kind: str) -> int:
         with self._write() as conn:
-            mailbox_id = None
-            if host and username:
-                mailbox_id = conn.execute(select(mailboxes.c.id).where(
-                    mailboxes.c.host == host.lower(),
-                    mailboxes.c.username == username.lower())).scalar()
             row = conn.execute(select(jobs.c.id, jobs.c.kind).where(jobs.c.name == name)).first()
             if row is not None:
                 if row.kind != kind:
                     raise StateError(
                         f"job {name!r} is recorded in the state database as {row.kind}, but "
                         f"the config now says {kind}; give the new job a new name")
-                conn.execute(update(jobs).where(jobs.c.id == row.id)
-                             .values(mailbox_id=mailbox_id))
                 return row.id
         try:
             with self._write() as conn:
                 return conn.execute(insert(jobs).values(
-                    name=name, kind=kind, mailbox_id=mailbox_id, created_at=self.clock())
+                    name=name, kind=kind, deletes=False, created_at=self.clock())
                 ).inserted_primary_key[0]
         except IntegrityError:
-            return self.ensure_job(name, kind, host, username)
+            return self.ensure_job(name, kind)
 
     def find_job(self, name: str) -> int | None:
         with self.engine.connect() as conn:
@@ -528,6 +608,29 @@ class Store:
                 f"state conflict: expected to move {len(params)} messages to {to}, moved "
                 f"{result.rowcount}; another run may be working on this job")
 
+    def claimed_destination_uids(self, job_id: int, destination_name: str,
+                                 destination_uidvalidity: int) -> set[int]:
+        """Destination UIDs that belong to some message of this job (any state, any source
+        folder): a duplicate check must never take one of them for another message."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(
+                select(messages.c.destination_uid).join(
+                    folders, folders.c.id == messages.c.folder_id)
+                .where(folders.c.job_id == job_id,
+                       folders.c.destination_name == destination_name,
+                       messages.c.destination_uidvalidity == destination_uidvalidity,
+                       messages.c.destination_uid.is_not(None))).scalars())
+
+    def release_quarantine(self, job_id: int) -> int:
+        """run --retry-failed: quarantined messages of this job are tried again."""
+        folder_ids = select(folders.c.id).where(folders.c.job_id == job_id)
+        with self._write() as conn:
+            return conn.execute(
+                update(messages).where(messages.c.folder_id.in_(folder_ids),
+                                       messages.c.state == str(State.QUARANTINED))
+                .values(state=str(State.FAILED), attempts=0, updated_at=self.clock())
+            ).rowcount
+
     def update_flags(self, changes: Sequence[dict]) -> None:
         """Record the source flags last synced, for [{"id", "flags"}]; no state change."""
         if not changes:
@@ -537,6 +640,20 @@ class Store:
         with self._write() as conn:
             conn.execute(stmt, [{"m_id": c["id"], "v_flags": flags_to_text(c["flags"])}
                                 for c in changes])
+
+
+def _upgrade(conn, version: int) -> None:
+    """Bring an older schema up to date, in the caller's transaction."""
+    if version < 2:
+        for table, ddl in _ADDED_IN_V2:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {ddl}")
+        # version 1 bound mailboxes by the configured host name
+        for row in conn.execute(select(mailboxes.c.id, mailboxes.c.host,
+                                       mailboxes.c.username)).all():
+            conn.execute(insert(mailbox_aliases).values(
+                mailbox_id=row.id, username=row.username, alias=f"name:{row.host}"))
+    conn.execute(update(meta).where(meta.c.key == "schema_version")
+                 .values(value=str(SCHEMA_VERSION)))
 
 
 def _chunks(seq: Sequence, n: int):
@@ -556,7 +673,8 @@ def _message_row(r) -> MessageRow:
         state=State(r.state), destination_uidvalidity=r.destination_uidvalidity,
         destination_uid=r.destination_uid,
         destination_path=r.destination_path, verified_at=r.verified_at, attempts=r.attempts,
-        first_seen_at=r.first_seen_at)
+        first_seen_at=r.first_seen_at, destination_size=r.destination_size,
+        internaldate=r.internaldate, last_error=r.last_error)
 
 
 def _make_engine(url: str) -> Engine:

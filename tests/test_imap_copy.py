@@ -250,7 +250,7 @@ def test_delete_after_verify_removes_verified_only(batch_bytes, old_account, new
 def test_max_delete_aborts_deletion_not_copy(filled, old_account, new_account, config):
     path = config(delete_after_verify=True)
     proc = run_cli("run", "-c", str(path), "--max-delete", "5", "--no-progress")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # refused for safety, as the README says
     assert f"{len(filled)} messages would be deleted from the source, more than " \
            "--max-delete 5; nothing was deleted" in proc.stderr
     assert sum(len(v) for v in mailgen.snapshot(old_account).values()) == len(filled)
@@ -399,7 +399,8 @@ def test_copy_gone_from_destination_is_not_a_reason_to_delete(filled, old_accoun
     path = config(delete_after_verify=True)
     second = run(path)
     assert not second.ok
-    assert any("2 verified copies are gone from 'Archive/2019'; their originals were NOT "
+    assert any("folder 'INBOX.Archive.2019': 2 verified copies are gone from 'Archive/2019'; "
+               "their originals were NOT "
                "deleted" in e for e in second.errors), second.errors
     assert second.counts["deleted"] == len(filled) - 2
     left = mailgen.snapshot(old_account)

@@ -219,7 +219,9 @@ def test_protocol_binding_refuses_the_other_protocol(filled, old_account, new_ac
     proc = run_cli("run", "-c", str(pop_cfg), "--no-progress")
     assert proc.returncode == 2
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    assert (f"job 'alice-pop' would use POP3 on mailbox {old_account.username} at 127.0.0.1, "
+    imaps = old_account.server.ports["imaps"]
+    assert (f"job 'alice-pop' would use POP3 on mailbox {old_account.username} at "
+            f"127.0.0.1:{imaps}, "
             f"but that mailbox is bound to IMAP by job 'alice-imap' since {today}") \
         in proc.stderr
     assert "a POP3 client deletes mail from the server that IMAP clients still expect" \
@@ -342,7 +344,8 @@ def test_archive_file_gone_before_deletion_keeps_the_message(filled, old_account
                                                       delete_after_verify=True)])
     second = run(path)
     assert not second.ok
-    assert any("1 archived files are gone" in e for e in second.errors), second.errors
+    assert any(f"POP3 mailbox: 1 verified copies are gone from the archive {arch}" in e
+               for e in second.errors), second.errors
     assert second.counts["deleted"] == len(filled) - 1  # the moved file still counts
     assert len(mailgen.snapshot(old_account)["INBOX"]) == 1
     third = run(path)

@@ -51,7 +51,7 @@ def test_newer_schema_is_refused(tmp_path):
         conn.execute(text("UPDATE meta SET value = '99' WHERE key = 'schema_version'"))
     eng.dispose()
     with pytest.raises(StateError, match="has schema version 99, but this mailmigrate "
-                                         "understands up to 1; upgrade mailmigrate"):
+                                         "understands up to 2; upgrade mailmigrate"):
         Store(url)
 
 
@@ -102,19 +102,48 @@ def test_failed_bumps_attempts_and_records_error(store):
 
 
 def test_protocol_binding(store):
-    first = store.bind_mailbox("Mail.Old.Example", "Alice@old.example", "imap", "alice")
-    assert first.protocol == "imap"
-    assert store.bind_mailbox("mail.old.example", "alice@old.example", "imap", "other").\
-        bound_by_job == "alice"
+    server = ["cert:aa11", "name:mail.old.example", "ip:192.0.2.7"]
+    first = store.bind_mailbox(server, "Mail.Old.Example:993", "Alice@old.example", "imap",
+                               "alice")
+    assert first.protocol == "imap" and first.host == "mail.old.example:993"
+    # the same server under another name (only the certificate in common) is the same mailbox
+    assert store.bind_mailbox(["cert:aa11", "ip:127.0.0.1:10995"], "localhost:10995",
+                              "alice@old.example", "imap", "other").bound_by_job == "alice"
     with pytest.raises(SafetyError) as info:
-        store.bind_mailbox("mail.old.example", "alice@old.example", "pop3", "alice-pop")
+        store.bind_mailbox(["ip:192.0.2.7"], "192.0.2.7:995", "alice@old.example", "pop3",
+                           "alice-pop")
     text_ = str(info.value)
     assert "bound to IMAP by job 'alice' since" in text_
     assert "a POP3 client deletes mail" in text_
-    assert "mailmigrate unbind alice@old.example --host mail.old.example" in text_
-    assert store.unbind("alice@old.example", "mail.old.example")
-    assert store.bind_mailbox("mail.old.example", "alice@old.example", "pop3", "p").\
-        protocol == "pop3"
+    assert "mailmigrate unbind alice@old.example --host mail.old.example:993" in text_
+    # a dry run only checks: it is refused the same way and writes nothing
+    with pytest.raises(SafetyError):
+        store.bind_mailbox(["cert:aa11"], "x:1", "alice@old.example", "pop3", "p",
+                           check_only=True)
+    assert store.bind_mailbox(["cert:ffff"], "x:1", "alice@old.example", "pop3", "p",
+                              check_only=True) is None
+    # a different server (another certificate, a loopback tunnel) is another mailbox
+    assert store.bind_mailbox(["cert:bb22", "ip:127.0.0.1:20995"], "127.0.0.1:20995",
+                              "alice@old.example", "pop3", "tunnel").protocol == "pop3"
+    assert store.unbind("alice@old.example", "mail.old.example")  # the host part is enough
+    assert store.bind_mailbox(["name:mail.old.example"], "mail.old.example:995",
+                              "alice@old.example", "pop3", "p").protocol == "pop3"
+
+
+def test_second_reader_of_a_mailbox_that_one_job_deletes_from_is_refused(store):
+    for name in ("copy", "archive", "mirror"):
+        store.ensure_job(name, "imap-copy")
+    server = ["cert:aa11"]
+    store.bind_mailbox(server, "h:993", "bob@old.example", "imap", "copy", deletes=True)
+    with pytest.raises(SafetyError) as info:
+        store.bind_mailbox(server, "h:993", "bob@old.example", "imap", "archive")
+    assert "jobs 'archive' and 'copy' both read mailbox bob@old.example" in str(info.value)
+    assert "'copy' deletes from it" in str(info.value)
+    # the job itself may run again, and without deletion two readers are fine
+    store.bind_mailbox(server, "h:993", "bob@old.example", "imap", "copy", deletes=False)
+    store.bind_mailbox(server, "h:993", "bob@old.example", "imap", "archive")
+    with pytest.raises(SafetyError, match="'mirror' deletes from it"):
+        store.bind_mailbox(server, "h:993", "bob@old.example", "imap", "mirror", deletes=True)
 
 
 def test_runs_are_recorded(store):

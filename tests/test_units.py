@@ -9,7 +9,7 @@ from migrate.endpoints.imap import (FolderInfo, copyable_flags, parse_appenduid,
                                     parse_message_id, parse_uid_set)
 from migrate.errors import SafetyError
 from migrate.folders import included, plan_folders, translate_name
-from migrate.safety import check_cap
+from migrate.deletion import check_cap
 
 
 def F(name, *flags, delim="."):

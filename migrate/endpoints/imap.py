@@ -26,7 +26,7 @@ from imapclient.util import to_bytes
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, FolderError, MailboxError, MessageError
-from .tls import describe_tls_failure, ssl_context
+from .tls import describe_tls_failure, server_aliases, ssl_context
 
 SPECIAL_USE = ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive")
 # Flags a client cannot or should not set on APPEND / STORE.
@@ -284,6 +284,10 @@ class ImapSession:
         become message data (and could even complete a corrupt message)."""
         self.dead = True
         _close_quietly(self.client)
+
+    @property
+    def server_aliases(self) -> list[str]:
+        return server_aliases(self.endpoint, self.client._imap.sock)
 
     def has(self, capability: str) -> bool:
         return capability.upper() in self.capabilities

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, MailboxError, MessageError
-from .tls import describe_tls_failure, ssl_context
+from .tls import describe_tls_failure, server_aliases, ssl_context
 
 # A hostile or broken server must not make us buffer an endless "line".
 MAX_LINE = 8 * 1024 * 1024
@@ -91,6 +91,10 @@ class Pop3Session:
             client.close()
             raise
         return cls(endpoint, client)
+
+    @property
+    def server_aliases(self) -> list[str]:
+        return server_aliases(self.endpoint, self.client.sock)
 
     @contextlib.contextmanager
     def _command(self, refused: Callable[[str], Exception]):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import socket
 import ssl
 
 from ..config import Endpoint
@@ -41,3 +44,32 @@ def describe_tls_failure(endpoint: Endpoint, exc: BaseException) -> MailboxError
             f"{where} did not answer with TLS ({text}); this looks like a plaintext port: "
             "use the SSL/TLS port (IMAP 993, POP3 995), or security = \"starttls\"")
     return MailboxError(f"TLS handshake with {where} failed: {text}")
+
+
+def server_aliases(endpoint: Endpoint, sock) -> list[str]:
+    """What identifies the server behind ``endpoint``, whatever name reached it (protocol
+    binding): the TLS certificate's fingerprint, and for public addresses the host name
+    and every address it resolves to.  A loopback address says nothing on its own - SSH
+    tunnels to different servers all listen there - so there only the certificate (or,
+    without TLS, address + port) counts."""
+    aliases = []
+    der = None
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            der = sock.getpeercert(binary_form=True)
+        except (ValueError, OSError):
+            der = None
+    if der:
+        aliases.append("cert:" + hashlib.sha256(der).hexdigest())
+    try:
+        infos = socket.getaddrinfo(endpoint.host, endpoint.port, proto=socket.IPPROTO_TCP)
+        addresses = sorted({info[4][0] for info in infos})
+    except OSError:
+        addresses = []
+    public = [a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_loopback]
+    if public:
+        aliases.append(f"name:{endpoint.host.lower().rstrip('.')}")
+        aliases.extend(f"ip:{a}" for a in public)
+    elif not der:
+        aliases.extend(f"ip:{a}:{endpoint.port}" for a in addresses or [endpoint.host.lower()])
+    return aliases
