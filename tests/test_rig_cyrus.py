@@ -5,6 +5,9 @@ Run with -s to see what this Cyrus announces (CAPABILITY, NAMESPACE, LIST, ...).
 
 from __future__ import annotations
 
+# The Cyrus fixtures are imported by name, so test parameters "redefine" them.
+# ruff: noqa: F811
+
 import datetime as dt
 import imaplib
 import poplib
@@ -15,7 +18,8 @@ import pytest
 from imapclient import IMAPClient
 
 from tests.rig import mailgen
-from tests.rig.cyrus import CyrusServer, _start, cyrus_account, cyrus_host  # noqa: F401
+from tests.rig.cyrus import CyrusServer, start_or_fail
+from tests.rig.cyrus import cyrus_account, cyrus_host  # noqa: F401
 
 SUBJECT_8BIT = "Grüße aus Köln #2 — €uro".encode()
 # munge8bit: every byte >= 0x80 in a header becomes 'X' (ü = 2 bytes, — = 3 bytes)
@@ -25,7 +29,7 @@ SUBJECT_MUNGED = b"GrXXXXe aus KXXln #2 XXX XXXuro"
 @pytest.fixture(scope="module")
 def legacy_cyrus(test_ca):
     """Cyrus 2 style: '.' separator, folders below "INBOX.", and munge8bit off."""
-    server = _start(CyrusServer("cyrus-legacy", test_ca, unixhierarchysep=False,
+    server = start_or_fail(CyrusServer("cyrus-legacy", test_ca, unixhierarchysep=False,
                                 munge8bit=False))
     yield server
     server.cleanup()

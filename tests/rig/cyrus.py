@@ -239,7 +239,8 @@ EVENTS {{
         return Account(self, username, password)
 
 
-def _start(server: CyrusServer) -> CyrusServer:
+def start_or_fail(server: CyrusServer) -> CyrusServer:
+    """start(), or fail the test (never skip) with the reason; cleans up when it cannot."""
     try:
         server.start()
     except Exception as exc:  # noqa: BLE001
@@ -251,7 +252,7 @@ def _start(server: CyrusServer) -> CyrusServer:
 @pytest.fixture(scope="session")
 def cyrus_host(test_ca):
     """Cyrus 3 defaults: '/' as separator, folders beside INBOX (no "INBOX/" prefix)."""
-    server = _start(CyrusServer("cyrus", test_ca))
+    server = start_or_fail(CyrusServer("cyrus", test_ca))
     yield server
     server.cleanup()
 
