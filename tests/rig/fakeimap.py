@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import itertools
 import os
 import re
@@ -32,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imapclient.imap_utf7 import decode as utf7_decode
 from imapclient.imap_utf7 import encode as utf7_encode
 
 DEFAULT_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "UIDPLUS", "MULTIAPPEND", "NAMESPACE",
@@ -40,7 +42,11 @@ SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _LITERAL_AT_END = re.compile(rb"\{(\d+)(\+?)\}\r?\n$")
-_SECTION_RE = re.compile(r"^(BODY\.PEEK|BODY)\[([^\]]*)\](?:<(\d+)(?:\.(\d+))?>)?$", re.IGNORECASE)
+# whitespace | ( | ) | "quoted" | {literal} | atom (with [...] and <...> parts)
+_TOKEN_RE = re.compile(rb'\s+|(\()|(\))|"((?:[^"\\]|\\.)*)"|\{(\d+)\+?\}\r\n|'
+                       rb'((?:[^\s()\[<"]|\[[^\]]*\]|<[^>]*>|[\[<])+)')
+_SECTION_RE = re.compile(r"^(BODY\.PEEK|BODY)\[([^\]]*)\](?:<(\d+)(?:\.(\d+))?>)?$",
+                         re.IGNORECASE)
 
 
 class Bye(Exception):
@@ -103,51 +109,26 @@ def tokenize(data: bytes) -> list:
     (atoms, quoted strings) and Literal (bytes).  An atom keeps ``[...]`` and ``<...>``
     with their spaces and parentheses, so ``BODY.PEEK[HEADER.FIELDS (X)]<0.9>`` is one."""
     stack: list[list] = [[]]
-    pos, end = 0, len(data)
-    while pos < end:
-        c = data[pos:pos + 1]
-        if c in (b" ", b"\r", b"\n"):
-            pos += 1
-        elif c == b"(":
+    pos = 0
+    while pos < len(data):
+        m = _TOKEN_RE.match(data, pos)
+        if not m:
+            raise ValueError(f"cannot parse {data[pos:pos + 20]!r}")
+        pos = m.end()
+        opening, closing, quoted, size, atom = m.groups()
+        if opening:
             stack.append([])
-            pos += 1
-        elif c == b")":
+        elif closing:
             if len(stack) == 1:
                 raise ValueError("unbalanced ')'")
-            done = stack.pop()
-            stack[-1].append(done)
-            pos += 1
-        elif c == b'"':
-            out = bytearray()
-            pos += 1
-            while pos < end and data[pos:pos + 1] != b'"':
-                if data[pos:pos + 1] == b"\\":
-                    pos += 1
-                out += data[pos:pos + 1]
-                pos += 1
-            if pos >= end:
-                raise ValueError("unterminated quoted string")
-            stack[-1].append(out.decode("utf-8", "replace"))
-            pos += 1
-        elif c == b"{":
-            m = re.compile(rb"\{(\d+)\+?\}\r\n").match(data, pos)
-            if not m:
-                raise ValueError("bad literal")
-            start = m.end()
-            stack[-1].append(Literal(data[start:start + int(m.group(1))]))
-            pos = start + int(m.group(1))
-        else:
-            start, depth = pos, 0
-            while pos < end:
-                ch = data[pos:pos + 1]
-                if ch in (b"[", b"<"):
-                    depth += 1
-                elif ch in (b"]", b">"):
-                    depth -= 1
-                elif depth == 0 and ch in (b" ", b"(", b")", b"\r", b"\n"):
-                    break
-                pos += 1
-            stack[-1].append(data[start:pos].decode("utf-8", "replace"))
+            stack[-2].append(stack.pop())
+        elif quoted is not None:
+            stack[-1].append(re.sub(rb"\\(.)", rb"\1", quoted).decode("utf-8", "replace"))
+        elif size is not None:
+            stack[-1].append(Literal(data[pos:pos + int(size)]))
+            pos += int(size)
+        elif atom:
+            stack[-1].append(atom.decode("utf-8", "replace"))
     if len(stack) != 1:
         raise ValueError("unbalanced '('")
     return stack[0]
@@ -205,11 +186,16 @@ class FakeImapServer:
     """Threads on 127.0.0.1:<free port>; one thread per connection; a shared store."""
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None,
-                 ca_file: str | Path | None = None, delimiter: str = "/",
+                 ca_pem: bytes | None = None, delimiter: str = "/",
                  namespace_prefix: str = "", users: dict[str, str] | None = None,
                  capabilities: Iterable[str] = DEFAULT_CAPABILITIES):
         self.ssl_context = ssl_context
-        self.ca_file = Path(ca_file) if ca_file else None
+        self.ca_file: Path | None = None  # ca_pem written out for job_endpoint()
+        if ca_pem:
+            fd, path = tempfile.mkstemp(prefix="fakeimap-ca-", suffix=".pem")
+            os.write(fd, ca_pem)
+            os.close(fd)
+            self.ca_file = Path(path)
         self.delimiter = delimiter
         self.namespace_prefix = namespace_prefix
         self.users = users  # None: any username/password logs in
@@ -238,7 +224,6 @@ class FakeImapServer:
         self._session_ids = itertools.count(1)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self._temp_files: list[Path] = []
         threading.Thread(target=self._accept, daemon=True, name="fakeimap-accept").start()
 
     # --- test helpers --------------------------------------------------------------
@@ -272,9 +257,8 @@ class FakeImapServer:
                     for m in self._folder(folder).messages]
 
     def folder_names(self) -> list[str]:
-        from imapclient.imap_utf7 import decode
         with self.lock:
-            return [decode(n.encode("ascii")) for n in self.folders]
+            return [utf7_decode(n.encode("ascii")) for n in self.folders]
 
     def set_uidvalidity(self, folder: str, value: int) -> None:
         with self.lock:
@@ -301,8 +285,8 @@ class FakeImapServer:
             sessions = list(self._sessions)
         for s in sessions:
             s.shutdown()
-        for path in self._temp_files:
-            path.unlink(missing_ok=True)
+        if self.ca_file:
+            self.ca_file.unlink(missing_ok=True)
 
     def __enter__(self) -> FakeImapServer:
         return self
@@ -370,13 +354,10 @@ def _unique(flags: Iterable[str]) -> list[str]:
 
 def tls_from_ca(ca, hosts: Iterable[str] = ("127.0.0.1", "localhost")) -> dict:
     """FakeImapServer(**tls_from_ca(test_ca)): a server context with a certificate from
-    the trustme ``ca``, and the CA as a PEM file for the job's ca_file."""
+    the trustme ``ca`` for 127.0.0.1/localhost, and the CA for the job's ca_file."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(*hosts).configure_cert(ctx)
-    fd, path = tempfile.mkstemp(prefix="fakeimap-ca-", suffix=".pem")
-    os.close(fd)
-    ca.cert_pem.write_to_path(path)
-    return {"ssl_context": ctx, "ca_file": path}
+    return {"ssl_context": ctx, "ca_pem": ca.cert_pem.bytes()}
 
 
 # --- one connection -------------------------------------------------------------------
@@ -424,7 +405,7 @@ class Session:
         whether it used a non-synchronising literal."""
         data, shown, literal_plus = bytearray(), [], False
         while True:
-            line = self.rfile.readline(65536)
+            line = self.rfile.readline()
             if not line:
                 return None
             data += line
@@ -470,6 +451,9 @@ class Session:
                     args = args[1:]
                 if literal_plus and "LITERAL+" not in srv.capabilities:
                     raise BadCommand("Non-synchronizing literal without LITERAL+")
+                if command == "AUTHENTICATE" and len(args) == 1:  # no SASL-IR: ask for it
+                    self.send(b"+ \r\n")
+                    args.append(self.rfile.readline().strip().decode("ascii", "replace"))
                 with srv.lock:
                     # New messages show at every command; expunges never during FETCH,
                     # STORE or SEARCH (RFC 3501 7.4.1).
@@ -507,12 +491,10 @@ class Session:
         handler = getattr(self, "cmd_" + command.lower().replace(" ", "_"), None)
         if handler is None or command in ("LOGIN", "AUTHENTICATE"):
             raise BadCommand(f"Unknown command {command}")
-        if command.startswith("UID ") or command in ("FETCH", "STORE", "SEARCH", "EXPUNGE",
-                                                     "CLOSE", "UNSELECT"):
-            if self.selected is None:
-                raise BadCommand("No mailbox selected")
-            return handler(args, uid=command.startswith("UID ")) \
-                if command not in ("EXPUNGE", "CLOSE", "UNSELECT") else handler(args)
+        needs_folder = command.startswith("UID ") or command in (
+            "FETCH", "STORE", "SEARCH", "EXPUNGE", "CLOSE", "UNSELECT")
+        if needs_folder and self.selected is None:
+            raise BadCommand("No mailbox selected")
         return handler(args)
 
     def _canned(self, canned) -> str:
@@ -533,13 +515,12 @@ class Session:
         caps = sorted(self.server.capabilities, key=lambda c: c != "IMAP4rev1")
         return [c for c in caps if not (self.authenticated and c.upper().startswith("AUTH="))]
 
+    # NOOP and CHECK do nothing but the sync every command gets (see run()).
     def cmd_noop(self, args) -> str:
-        self.hidden.clear()
-        self._sync(expunges=True)
+        self.hidden.clear()  # Courier-like: now this session sees its own appends
         return "OK NOOP completed"
 
     def cmd_check(self, args) -> str:
-        self._sync(expunges=True)
         return "OK CHECK completed"
 
     def cmd_logout(self, args) -> str:
@@ -567,13 +548,7 @@ class Session:
     def cmd_authenticate(self, args) -> str:
         if text(args[0]).upper() != "PLAIN" or "AUTH=PLAIN" not in self.server.capabilities:
             raise NoCommand("[CANNOT] Unsupported authentication mechanism")
-        if len(args) > 1:  # SASL-IR
-            response = text(args[1]).encode()
-        else:
-            self.send(b"+ \r\n")
-            response = self.rfile.readline(65536).strip()
-            with self.server.lock:
-                self.server.log.append((self.id, "(AUTHENTICATE response)"))
+        response = text(args[1]).encode()  # SASL-IR or the continuation's answer (run())
         if response == b"*":
             raise BadCommand("Authentication aborted")
         try:
@@ -610,11 +585,8 @@ class Session:
             self.untagged(f"{command} ({' '.join(flags)}) {quote(d)} {quote(name)}")
         return f"OK {command} completed"
 
-    def cmd_list(self, args) -> str:
-        return self._list(args, "LIST")
-
-    def cmd_lsub(self, args) -> str:
-        return self._list(args, "LSUB")
+    cmd_list = functools.partialmethod(_list, command="LIST")
+    cmd_lsub = functools.partialmethod(_list, command="LSUB")
 
     def _folder_arg(self, token) -> Folder:
         name = text(token)
@@ -659,11 +631,8 @@ class Session:
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         return f"OK [{mode}] {'EXAMINE' if readonly else 'SELECT'} completed"
 
-    def cmd_select(self, args) -> str:
-        return self._select(args, readonly=False)
-
-    def cmd_examine(self, args) -> str:
-        return self._select(args, readonly=True)
+    cmd_select = functools.partialmethod(_select, readonly=False)
+    cmd_examine = functools.partialmethod(_select, readonly=True)
 
     def cmd_status(self, args) -> str:
         folder = self._folder_arg(args[0])
@@ -676,7 +645,7 @@ class Session:
 
     def cmd_close(self, args) -> str:
         if not self.readonly:
-            self._expunge(None, report=False)
+            self._expunge(None)
         self.selected = None
         return "OK Close completed"
 
@@ -720,10 +689,6 @@ class Session:
     def cmd_fetch(self, args, uid: bool = False) -> str:
         items = args[1] if isinstance(args[1], list) else [args[1]]
         items = [text(i) for i in items]
-        macros = {"ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
-                  "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"]}
-        if len(items) == 1 and items[0].upper() in macros:
-            items = macros[items[0].upper()]
         if uid and not any(i.upper() == "UID" for i in items):
             items.insert(0, "UID")
         wants_body = any(self._is_body_item(i) for i in items)
@@ -749,9 +714,8 @@ class Session:
     @staticmethod
     def _is_body_item(item: str) -> bool:
         """Does this item need the message text (not just the header or metadata)?"""
-        up = item.upper()
         m = _SECTION_RE.match(item)
-        return up in ("RFC822", "RFC822.TEXT") or bool(m and m.group(2).upper() in ("", "TEXT"))
+        return item.upper() == "RFC822" or bool(m and m.group(2).upper() in ("", "TEXT"))
 
     def _fetch_item(self, msg: Message, item: str) -> bytes:
         up = item.upper()
@@ -763,12 +727,11 @@ class Session:
             return f'INTERNALDATE "{format_internaldate(msg.internaldate)}"'.encode()
         if up == "RFC822.SIZE":
             return b"RFC822.SIZE %d" % max(0, len(msg.body) + self.server.inexact_size)
-        if up in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
-            if up != "RFC822.HEADER":
-                self._mark_seen(msg)
-            data = {"RFC822": msg.body, "RFC822.HEADER": header_block(msg.body),
-                    "RFC822.TEXT": msg.body[len(header_block(msg.body)):]}[up]
-            return up.encode() + b" " + literal(data)
+        if up == "RFC822":
+            self._mark_seen(msg)
+            return b"RFC822 " + literal(msg.body)
+        if up == "RFC822.HEADER":
+            return b"RFC822.HEADER " + literal(header_block(msg.body))
         m = _SECTION_RE.match(item)
         if not m:
             raise BadCommand(f"Unsupported FETCH item {item}")
@@ -826,8 +789,7 @@ class Session:
         flags = {f.lower() for f in msg.flags}
         simple = {"ALL": True, "DELETED": "\\deleted" in flags,
                   "UNDELETED": "\\deleted" not in flags, "SEEN": "\\seen" in flags,
-                  "UNSEEN": "\\seen" not in flags, "FLAGGED": "\\flagged" in flags,
-                  "UNFLAGGED": "\\flagged" not in flags}
+                  "UNSEEN": "\\seen" not in flags}
         if up in simple:
             return simple[up]
         if up == "NOT":
@@ -876,31 +838,28 @@ class Session:
                 self.untagged(f"{seq} FETCH ({uid_part}FLAGS ({' '.join(msg.flags)}))")
         return "OK Store completed"
 
-    def _expunge(self, uids: Callable[[int], bool] | None, report: bool) -> None:
-        folder = self.selected
-        gone = {m.uid for m in folder.messages
-                if "\\Deleted" in m.flags and (uids is None or uids(m.uid))}
-        folder.messages = [m for m in folder.messages if m.uid not in gone]
-        if report:
-            self._sync(expunges=True)
+    def _expunge(self, uids: Callable[[int], bool] | None) -> None:
+        """Remove \\Deleted messages (of ``uids``); run() then reports the EXPUNGEs."""
+        self.selected.messages = [m for m in self.selected.messages if not (
+            "\\Deleted" in m.flags and (uids is None or uids(m.uid)))]
 
     def cmd_expunge(self, args) -> str:
         if self.readonly:
             raise NoCommand("Mailbox is read-only")
-        self._expunge(None, report=True)
+        self._expunge(None)
         return "OK Expunge completed"
 
-    def cmd_uid_expunge(self, args, uid: bool = True) -> str:
+    def cmd_uid_expunge(self, args) -> str:
         if "UIDPLUS" not in self.server.capabilities:
             raise BadCommand("Unknown command UID EXPUNGE")
         if self.readonly:
             raise NoCommand("Mailbox is read-only")
-        self._expunge(parse_set(text(args[0]), self.selected.uidnext - 1), report=True)
+        self._expunge(parse_set(text(args[0]), self.selected.uidnext - 1))
         return "OK Expunge completed"
 
-    cmd_uid_fetch = cmd_fetch
-    cmd_uid_search = cmd_search
-    cmd_uid_store = cmd_store
+    cmd_uid_fetch = functools.partialmethod(cmd_fetch, uid=True)
+    cmd_uid_search = functools.partialmethod(cmd_search, uid=True)
+    cmd_uid_store = functools.partialmethod(cmd_store, uid=True)
 
     # --- APPEND -------------------------------------------------------------------------------
 
@@ -937,7 +896,6 @@ class Session:
             uids.append(msg.uid)
             if srv.append_invisible_until_noop and folder is self.selected:
                 self.hidden.add(msg.uid)
-        self._sync(expunges=True)
         if "UIDPLUS" in srv.capabilities:
             uid_set = f"{uids[0]}:{uids[-1]}" if len(uids) > 1 else str(uids[0])
             return f"OK [APPENDUID {folder.uidvalidity} {uid_set}] Append completed"
