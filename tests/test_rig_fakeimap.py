@@ -172,10 +172,17 @@ def test_alter_on_append_rewrites_8bit_headers(server):
 
 
 def test_bye_and_no_on_fetch_of_chosen_uids(server):
+    server.add_folder("Other")
     for n in range(3):
         server.add_message("INBOX", b"Subject: %d\r\n\r\nm\r\n" % n)
-    server.no_on_fetch_uids = {2}
-    server.bye_on_fetch_uids = {3}
+        server.add_message("Other", b"Subject: %d\r\n\r\nm\r\n" % n)
+    server.no_on_fetch_uids = {2}  # in every folder
+    server.bye_on_fetch_uids = {("INBOX", 3)}  # in this folder only
+    client = connect(server)
+    client.select_folder("Other", readonly=True)
+    assert raw_fetch(client, "3", "(BODY.PEEK[])")[0] == "OK"
+    assert raw_fetch(client, "2", "(BODY.PEEK[])")[0] == "NO"
+    client.logout()
     client = connect(server)
     client.select_folder("INBOX", readonly=True)
     # metadata and headers of the broken messages still come
@@ -304,7 +311,9 @@ def test_on_command_hook_and_command_log(server):
 
 # --- the tool against two fakes ---------------------------------------------------------
 
-def test_tool_copies_between_two_fakes_identically_and_rerun_adds_nothing(test_ca, tmp_path):
+@pytest.mark.parametrize("batch_bytes", [4 * 1024 * 1024, 3_000], ids=["batched", "streamed"])
+def test_tool_copies_between_two_fakes_identically_and_rerun_adds_nothing(batch_bytes, test_ca,
+                                                                          tmp_path):
     msgs = mailgen.realistic_mailbox(separator="/", prefix="", count=10, big=False)
     with FakeImapServer(**tls_from_ca(test_ca)) as source, FakeImapServer() as destination:
         source.add_folder("Sent Messages", "\\Sent")
@@ -315,11 +324,16 @@ def test_tool_copies_between_two_fakes_identically_and_rerun_adds_nothing(test_c
         path = write_config(tmp_path / "config.toml", [{
             "name": "fake", "kind": "imap-copy", "source": source.job_endpoint(),
             "destination": destination.job_endpoint()}])
-        result = run(path)
+        result = run(path, batch_bytes=batch_bytes)
         assert result.ok, result.errors
         assert result.counts["copied"] == len(msgs) == 10
-        # batches went as MULTIAPPEND with LITERAL+ (several {n+} literals in one APPEND)
-        assert any(line.count("+}") > 1 for line in destination.received("APPEND"))
+        # batches went as MULTIAPPEND with LITERAL+ (several {n+} literals in one APPEND);
+        # larger messages one by one, read in partial FETCHes
+        streamed = batch_bytes == 3_000
+        appends = destination.received("APPEND")
+        assert any(line.count("+}") > 1 for line in appends) != streamed, appends
+        partial = [line for line in source.received("UID FETCH") if "BODY.PEEK[]<" in line]
+        assert bool(partial) == streamed
 
         def content(srv, name):
             return sorted((body, flags, date) for _uid, body, flags, date in srv.messages(name))
@@ -334,7 +348,7 @@ def test_tool_copies_between_two_fakes_identically_and_rerun_adds_nothing(test_c
         assert {"\\Seen", "\\Flagged", "\\Answered", "project-x"} <= flags
         before = {n: destination.messages(n) for n in names.values()}
 
-        again = run(path)
+        again = run(path, batch_bytes=batch_bytes)
         assert again.ok, again.errors
         assert again.counts.get("copied", 0) == 0
         assert {n: destination.messages(n) for n in names.values()} == before

@@ -203,8 +203,9 @@ class FakeImapServer:
         # --- scriptable behaviours, all off by default ---
         self.inexact_size = 0  # RFC822.SIZE = real size + this
         self.alter_on_append: Callable[[bytes], bytes] | None = None
-        self.bye_on_fetch_uids: set[int] = set()  # body FETCH of these → * BYE + close
-        self.no_on_fetch_uids: set[int] = set()  # body FETCH of these → tagged NO
+        # body FETCH of these UIDs (in any folder) or (folder, UID) pairs:
+        self.bye_on_fetch_uids: set[int | tuple[str, int]] = set()  # * BYE, then close
+        self.no_on_fetch_uids: set[int | tuple[str, int]] = set()  # others sent, then NO
         self.reject_append: Callable[[bytes, list[str]], str | None] | None = None
         self.rejected_keywords: set[str] = set()  # case-insensitive; BAD on APPEND/STORE
         self.permanentflags: list[str] | None = None  # None: system flags (+ \* if allowed)
@@ -694,9 +695,10 @@ class Session:
         wants_body = any(self._is_body_item(i) for i in items)
         failed = False
         for seq, msg in self._matching(text(args[0]), uid):
-            if wants_body and msg.uid in self.server.bye_on_fetch_uids:
+            chosen = (msg.uid, (utf7_decode(self.selected.name.encode()), msg.uid))
+            if wants_body and any(c in self.server.bye_on_fetch_uids for c in chosen):
                 raise Bye("* BYE [SERVERBUG] Internal error occurred reading the message")
-            if wants_body and msg.uid in self.server.no_on_fetch_uids:
+            if wants_body and any(c in self.server.no_on_fetch_uids for c in chosen):
                 failed = True
                 continue
             parts = []
