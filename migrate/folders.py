@@ -50,7 +50,11 @@ def translate_name(name: str, src_delim: str | None, src_prefix: str,
 
 def plan_folders(source: list[FolderInfo], src_delim: str | None, src_prefix: str,
                  destination: list[FolderInfo], dst_delim: str, dst_prefix: str,
-                 rules: Folders) -> list[FolderPlan]:
+                 rules: Folders, other_namespaces: bool = False
+                 ) -> tuple[list[FolderPlan], list[tuple[str, str]]]:
+    """Which source folder goes where.  Returns the plans and the folders refused, as
+    (source name, why): several source folders that would land in one destination
+    folder are never merged silently - unless the admin mapped them there on purpose."""
     dest_names = {f.name for f in destination}
     dest_lower = {f.name.lower(): f.name for f in destination}
     dest_special = {}
@@ -61,6 +65,8 @@ def plan_folders(source: list[FolderInfo], src_delim: str | None, src_prefix: st
     for folder in source:
         if not folder.selectable or not included(folder.name, rules):
             continue
+        if not folder.personal and not other_namespaces:
+            continue  # another user's or a public folder: only on request
         if folder.name in rules.map:
             target, reason = rules.map[folder.name], "map"
         elif folder.special_use and folder.special_use in dest_special:
@@ -74,5 +80,32 @@ def plan_folders(source: list[FolderInfo], src_delim: str | None, src_prefix: st
                 else "INBOX"
             reason = "name"
         plans.append(FolderPlan(folder.name, target, target not in dest_names
-                                and target.upper() != "INBOX", reason))
-    return plans
+                                and target.upper() != "INBOX", reason, folder.personal))
+    return _refuse_collisions(plans)
+
+
+def _refuse_collisions(plans: list[FolderPlan]
+                       ) -> tuple[list[FolderPlan], list[tuple[str, str]]]:
+    # Case-insensitive: many servers (and file systems under them) fold case, and
+    # 'Work' + 'work' in one folder is a merge all the same.
+    by_target: dict[str, list[FolderPlan]] = {}
+    for p in plans:
+        key = "INBOX" if p.destination.upper() == "INBOX" else p.destination.lower()
+        by_target.setdefault(key, []).append(p)
+    kept, refused = [], []
+    for group in by_target.values():
+        if len(group) == 1 or all(p.reason == "map" for p in group):
+            kept.extend(group)
+            continue
+        names = " and ".join(repr(p.source) for p in group)
+        for p in group:
+            refused.append((p.source, (
+                f"folders {names} would all be copied into {p.destination!r} "
+                f"({', '.join(q.reason for q in group)}); refusing to merge them silently, "
+                "so none of them is copied. Give each its own destination with "
+                f'[jobs.folders] map, e.g. map = {{ "{group[-1].source}" = '
+                f'"{group[-1].destination} (2)" }}, or exclude one; mapping them to the same '
+                "folder on purpose merges them")))
+    order = {p.source: i for i, p in enumerate(plans)}
+    kept.sort(key=lambda p: order[p.source])
+    return kept, refused

@@ -27,7 +27,7 @@ from .engine import JobRunner, Progress, RunOptions, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State
-from .store import MessageRow
+from .store import MessageRow, flags_to_text
 
 log = logging.getLogger("migrate.imap_copy")
 
@@ -48,6 +48,37 @@ class FolderRun:
     uidvalidity: int | None = None
     present: set[int] = field(default_factory=set)
     error: str | None = None
+    # source UIDs of a batch whose FETCH broke the connection (read alone after the
+    # reconnect), and those that broke it on their own (skipped)
+    suspects: set[int] = field(default_factory=set)
+    poisoned: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _FolderCopy:
+    """One folder's copy on one connection pair: what every batch needs."""
+
+    src: ImapSession | None
+    dst: ImapSession
+    fr: FolderRun
+    dsel: SelectInfo
+    by_uid: dict[int, MessageMeta]
+    dest_index: dict
+    claimed: set[int]
+
+
+class _Stopped(MigrateError):
+    """The run is being stopped: no new batch is started."""
+
+
+def _dup_key(message_id: str | None, size: int) -> tuple[str | None, int | None]:
+    """Duplicate candidates: by Message-ID where there is one (sizes may be reported
+    inexactly), by size only for messages without."""
+    return (message_id, None) if message_id else (None, size)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 class SessionPool:
@@ -103,6 +134,8 @@ class ImapCopy(JobRunner):
         super().__init__(*args, **kwargs)
         # rows whose streamed copy was abandoned (size not as announced): in-memory path
         self._stream_refused: set[int] = set()
+        # flag → how many copies could not get it (PERMANENTFLAGS, rejected keyword)
+        self._not_kept: dict[str, int] = {}
 
     # --- the run -----------------------------------------------------------------
 
@@ -119,14 +152,24 @@ class ImapCopy(JobRunner):
                 list(ex.map(lambda fr: self._folder_with_retry(pool, fr, progress), runs))
             if self.job.delete_after_verify:
                 self._delete_phase(pool, runs)
+            if self._not_kept:
+                self.warn("the destination cannot keep these flags, so copies were made "
+                          "without them: " + ", ".join(
+                              f"{f} ({_n(n, 'message')})"
+                              for f, n in sorted(self._not_kept.items())))
         finally:
             progress.close()
             pool.close()
 
     def _plan(self, src: ImapSession, dst: ImapSession) -> list[FolderPlan]:
         self.bind_source(src.server_aliases)
-        plans = plan_folders(src.list_folders(), src.delimiter, src.prefix,
-                             dst.list_folders(), dst.delimiter, dst.prefix, self.job.folders)
+        plans, refused = plan_folders(
+            src.list_folders(), src.delimiter, src.prefix, dst.list_folders(),
+            dst.delimiter, dst.prefix, self.job.folders,
+            other_namespaces=self.job.other_namespaces)
+        for name, why in refused:
+            self.error(f"folder {name!r}: {why}")
+            self.counters.add("failed_folders")
         created: set[str] = set()
         failed: set[str] = set()
         for p in plans:
@@ -195,8 +238,8 @@ class ImapCopy(JobRunner):
         frow = self.store.folder(self.job_id, plan.source) if self.job_id else None
         if frow and frow.uidvalidity not in (None, sel.uidvalidity):
             self.warn(f"folder {plan.source!r}: UIDVALIDITY changed ({frow.uidvalidity} → "
-                       f"{sel.uidvalidity}); reconciling by Message-ID, size and content "
-                       "hash instead of copying again")
+                      f"{sel.uidvalidity}); reconciling by Message-ID, size and content "
+                      "hash instead of copying again")
         if not self.dry:
             frow = self.store.upsert_folder(self.job_id, plan.source, plan.destination,
                                             sel.uidvalidity, dsel.uidvalidity if dsel else None)
@@ -220,16 +263,25 @@ class ImapCopy(JobRunner):
             self.store.transition(State.VERIFIED, [{"id": r.id} for r in undo])
             for r in undo:
                 r.state = State.VERIFIED
-        unverified = [r for r in rows.values() if r.source_uid in by_uid
-                      and r.state == State.COPIED]
-        if unverified and not self.dry:
-            # appended by an earlier run that stopped before verifying; those that do
-            # not check out become failed and are copied again below
-            self._verify_copied(dst, dsel, unverified, progress)
-        pending = sorted((r for r in rows.values() if r.source_uid in by_uid
-                          and r.state in (State.SEEN, State.APPENDING, State.FAILED,
-                                          State.COPIED)),
+        here = [r for r in rows.values() if r.source_uid in by_uid]
+        if not self.dry:
+            self._quarantine_repeated_failures(fr, here)
+            # A message whose copy is already at the destination (appended by a run that
+            # stopped before verifying, or failed verification) is checked, never
+            # appended a second time: at most one copy per source message.
+            known = [r for r in here if r.state in (State.COPIED, State.FAILED)
+                     and r.destination_uid and r.destination_uidvalidity == dsel.uidvalidity]
+            if known:
+                self._check_known_copies(dst, dsel, fr, known, by_uid, progress)
+        pending = sorted((r for r in here if r.state in (State.SEEN, State.APPENDING,
+                                                         State.FAILED, State.COPIED)),
                          key=lambda r: r.source_uid)
+        quarantined = [r for r in here if r.state == State.QUARANTINED]
+        if quarantined and not self.dry:
+            self.warn(f"folder {plan.source!r}: {_n(len(quarantined), 'message')} "
+                      "quarantined by earlier runs (not retried by themselves; "
+                      "`mailmigrate run --retry-failed` tries again), e.g. UID "
+                      f"{quarantined[0].source_uid}: {quarantined[0].last_error}")
         progress.grow(len(pending))
 
         if self.dry:
@@ -237,7 +289,7 @@ class ImapCopy(JobRunner):
             return
         assert dsel is not None
         if pending:
-            self._copy_pending(src, dst, plan, dsel, pending, by_uid, rows, progress)
+            self._copy_pending(src, dst, fr, dsel, pending, by_uid, progress)
         self._sync_flags(dst, plan, dsel, rows, by_uid)
         log.info("%s: folder %r → %r: %d messages at the source, %d pending this run",
                  self.job.name, plan.source, plan.destination, len(metas), len(pending))
@@ -252,59 +304,121 @@ class ImapCopy(JobRunner):
         vanished = self.settle_missing([r for r in rows.values() if r.source_uid not in by_uid])
         if vanished:
             self.warn(
-                f"folder {plan.source!r}: {vanished} messages vanished from the source "
-                "since the last run without mailmigrate deleting them; another client "
-                "(often a POP3 client) is deleting mail from this mailbox")
+                f"folder {plan.source!r}: {_n(vanished, 'message')} vanished from the "
+                "source since the last run without mailmigrate deleting them; another "
+                "client (often a POP3 client) is deleting mail from this mailbox")
+
+    def _quarantine_repeated_failures(self, fr: FolderRun, rows: list[MessageRow]) -> None:
+        """A message that failed run after run will not copy by trying again: it is
+        quarantined - reported by name, left alone until --retry-failed."""
+        limit = self.options.quarantine_after
+        stuck = [r for r in rows if r.state == State.FAILED and r.attempts >= limit]
+        self._quarantine(fr, [(r, f"failed {r.attempts} times; last error: {r.last_error}")
+                              for r in stuck])
+
+    def _quarantine(self, fr: FolderRun, rows: list[tuple[MessageRow, str]]) -> None:
+        if not rows:
+            return
+        self.store.transition(State.QUARANTINED, [{"id": r.id, "last_error": why}
+                                                  for r, why in rows])
+        for r, why in rows:
+            r.state = State.QUARANTINED
+            self.error(f"folder {fr.plan.source!r}: message UID {r.source_uid} "
+                       f"({_n(r.size, 'byte')}, {r.message_id or 'no Message-ID'}) "
+                       f"quarantined: {why}")
+        self.counters.add("quarantined", len(rows))
 
     # --- copying -----------------------------------------------------------------
 
-    def _copy_pending(self, src, dst, plan, dsel, pending, by_uid, rows, progress) -> None:
-        # What the destination already holds, for duplicate detection: (Message-ID, size)
-        # → UIDs, minus UIDs already accounted for by a verified row of this folder.
-        dest_index: dict[tuple[str | None, int], list[int]] = defaultdict(list)
+    def _copy_pending(self, src, dst, fr, dsel, pending, by_uid, progress) -> None:
+        # What the destination already holds, for duplicate detection: Message-ID (or,
+        # without one, the size) → copies there.  Sizes come from the real bytes on our
+        # side, so a source whose RFC822.SIZE is not exact still finds its copies.
+        dest_index: dict[tuple[str | None, int | None], list[MessageMeta]] = defaultdict(list)
         for m in dst.list_messages(dsel.exists):
-            dest_index[(m.message_id, m.size)].append(m.uid)
-        claimed = {r.destination_uid for r in rows.values()
-                   if r.state in (State.VERIFIED, State.DELETING)
-                   and r.destination_uidvalidity == dsel.uidvalidity}
-
+            dest_index[_dup_key(m.message_id, m.size)].append(m)
+        # Copies that belong to a message of this job - any folder, any state - are
+        # never taken as another message's duplicate.
+        claimed = self.store.claimed_destination_uids(self.job_id, fr.plan.destination,
+                                                      dsel.uidvalidity)
+        ctx = _FolderCopy(src, dst, fr, dsel, by_uid, dest_index, claimed)
+        for row in [r for r in pending if r.source_uid in fr.poisoned]:
+            self._fail(fr, [(row, "the source server dropped the connection every time this "
+                                  "message was read; skipped, the other messages go on")])
+            progress.advance(1)
+        pending = [r for r in pending if r.source_uid not in fr.poisoned]
         large = [r for r in pending if r.size > self.options.batch_bytes
                  and r.id not in self._stream_refused]
         for row in large:
-            self._copy_large(src, dst, plan, dsel, row, by_uid, dest_index, claimed)
+            self._stop_point()
+            self._copy_large(ctx, row)
             progress.advance(1)
         large_ids = {r.id for r in large}
-        for batch in self.batches([r for r in pending if r.id not in large_ids],
-                                  self.options.batch_bytes):
-            self._copy_in_memory(src, dst, plan, dsel, batch, by_uid, dest_index, claimed)
+        small = [r for r in pending if r.id not in large_ids]
+        # messages of a batch that broke the connection travel alone, to find the culprit
+        suspects = [r for r in small if r.source_uid in fr.suspects]
+        batches = [[r] for r in suspects] + list(self.batches(
+            [r for r in small if r.source_uid not in fr.suspects], self.options.batch_bytes))
+        for batch in batches:
+            self._stop_point()
+            self._copy_in_memory(ctx, batch)
             progress.advance(len(batch))
 
-    def _copy_in_memory(self, src, dst, plan, dsel, batch, by_uid, dest_index, claimed
-                        ) -> None:
+    def _stop_point(self) -> None:
+        """Between batches: stop here when the run is being stopped (signal, error cap)."""
+        stopping = getattr(self, "stopping", None)
+        if stopping is not None and stopping():
+            raise _Stopped()
+
+    def _fetch(self, ctx: _FolderCopy, batch: list[MessageRow]) -> dict[int, bytes]:
+        uids = [r.source_uid for r in batch]
+        try:
+            return ctx.src.fetch_bodies(uids)
+        except ConnectionLost:
+            # After the reconnect these are read one at a time; one that breaks the
+            # connection on its own is skipped next time.
+            if len(uids) == 1:
+                ctx.fr.poisoned.add(uids[0])
+            ctx.fr.suspects.update(uids)
+            raise
+
+    def _copy_in_memory(self, ctx: _FolderCopy, batch: list[MessageRow]) -> None:
         """One size-bounded batch: one FETCH, one MULTIAPPEND, one read-back FETCH."""
-        bodies = src.fetch_bodies([r.source_uid for r in batch])
-        batch = [r for r in batch if r.source_uid in bodies]  # expunged meanwhile
+        bodies = self._fetch(ctx, batch)
+        missing = [r for r in batch if r.source_uid not in bodies]
+        if missing:
+            self._fail(ctx.fr, [(r, "the source did not send the message: " + ctx.src.
+                                 fetch_refused.get(r.source_uid, "no content in its answer "
+                                                   "(expunged meanwhile?)")) for r in missing])
+        batch = [r for r in batch if r.source_uid in bodies]
         digests = {r.id: hashlib.sha256(bodies[r.source_uid]).hexdigest() for r in batch}
 
-        duplicates = self._find_duplicates(dst, batch, digests, dest_index, claimed)
+        duplicates = self._find_duplicates(ctx, batch, bodies, digests)
         to_append = [r for r in batch if r.id not in duplicates]
-        dup_changes = [{"id": r.id, "sha256": digests[r.id],
-                        "destination_uidvalidity": dsel.uidvalidity,
-                        "destination_uid": duplicates[r.id]} for r in batch
-                       if r.id in duplicates]
         self.store.apply([
             # Intent first: after a crash these are looked up, not appended again.
             (State.APPENDING, [{"id": r.id, "sha256": digests[r.id]} for r in to_append
                                if r.state != State.APPENDING], False),
-            (State.COPIED, dup_changes, False),
-            (State.VERIFIED, [{"id": c["id"]} for c in dup_changes], False),
+            (State.COPIED, [{"id": r.id, "sha256": digests[r.id],
+                             "destination_uidvalidity": ctx.dsel.uidvalidity,
+                             "destination_uid": duplicates[r.id]} for r in batch
+                            if r.id in duplicates], False),
         ])
         for r in to_append:
             r.state = State.APPENDING
-        self.counters.add("skipped", len(dup_changes))
+        for r in batch:
+            if r.id in duplicates:
+                r.state, r.destination_uid = State.COPIED, duplicates[r.id]
+                r.destination_uidvalidity, r.sha256 = ctx.dsel.uidvalidity, digests[r.id]
         faults.checkpoint("after-intent")
+        if duplicates:
+            # already there, body confirmed by sha256: its flags still have to match
+            dups = [r for r in batch if r.id in duplicates]
+            self._verify_copies(ctx, {r.id: duplicates[r.id] for r in dups}, dups,
+                                digests, bodies_checked=True, dates_checked=False)
+            self.counters.add("skipped", sum(1 for r in dups if r.state == State.VERIFIED))
         if to_append:
-            self._append_and_verify(dst, plan, dsel, to_append, bodies, by_uid, digests)
+            self._append_and_verify(ctx, to_append, bodies, digests)
 
     def _stream_digest(self, session: ImapSession, uid: int, size: int) -> str:
         h = hashlib.sha256()
@@ -312,29 +426,32 @@ class ImapCopy(JobRunner):
             h.update(piece)
         return h.hexdigest()
 
-    def _copy_large(self, src, dst, plan, dsel, row, by_uid, dest_index, claimed) -> None:
+    def _copy_large(self, ctx: _FolderCopy, row: MessageRow) -> None:
         """One message larger than a batch, streamed: partial FETCHes from the source go
         straight into the APPEND literal and are hashed on the way; the copy is read back
         the same way.  Memory stays at a few chunks whatever the message size."""
-        meta = by_uid[row.source_uid]
+        src, dst, dsel = ctx.src, ctx.dst, ctx.dsel
+        meta = ctx.by_uid[row.source_uid]
         if not src.exact_size(row.source_uid, row.size):
             # RFC822.SIZE is not the exact length here: use the in-memory path
             self._stream_refused.add(row.id)
-            self._copy_in_memory(src, dst, plan, dsel, [row], by_uid, dest_index, claimed)
+            self._copy_in_memory(ctx, [row])
             return
-        candidates = [u for u in dest_index.get((row.message_id, row.size), ())
-                      if u not in claimed]
+        candidates = [m.uid for m in ctx.dest_index.get(_dup_key(row.message_id, row.size), ())
+                      if m.uid not in ctx.claimed]
         if candidates:
             digest = self._stream_digest(src, row.source_uid, row.size)
             for u in candidates:
                 if self._stream_digest(dst, u, row.size) == digest:
-                    claimed.add(u)
-                    self.store.apply([
-                        (State.COPIED, [{"id": row.id, "sha256": digest,
-                                         "destination_uidvalidity": dsel.uidvalidity,
-                                         "destination_uid": u}], False),
-                        (State.VERIFIED, [{"id": row.id}], False)])
-                    self.counters.add("skipped")
+                    ctx.claimed.add(u)
+                    self.store.transition(State.COPIED, [{
+                        "id": row.id, "sha256": digest,
+                        "destination_uidvalidity": dsel.uidvalidity, "destination_uid": u}])
+                    row.state, row.sha256 = State.COPIED, digest
+                    self._verify_copies(ctx, {row.id: u}, [row], {row.id: digest},
+                                        bodies_checked=True, dates_checked=False)
+                    if row.state == State.VERIFIED:
+                        self.counters.add("skipped")
                     return
         if row.state != State.APPENDING:
             self.store.transition(State.APPENDING, [{"id": row.id}])
@@ -348,8 +465,9 @@ class ImapCopy(JobRunner):
                 yield piece
 
         uidnext_before = dsel.uidnext
+        flags = self._to_send(ctx, meta.flags)
         try:
-            uid = dst.append_streamed(plan.destination, meta.flags, meta.internaldate,
+            uid = dst.append_streamed(ctx.fr.plan.destination, flags, meta.internaldate,
                                       row.size, pieces())
         except MigrateError as exc:
             if dst.dead and not getattr(exc, "transient", False):
@@ -361,65 +479,84 @@ class ImapCopy(JobRunner):
         faults.checkpoint("after-append")
         digest = h.hexdigest()
         if isinstance(uid, Exception):
-            self._fail(plan, [(row, str(uid))])
+            self._fail(ctx.fr, [(row, str(uid))])
             return
         if uid is None:
+            dst.noop()
             found = dst.find_by_content(uidnext_before or 1, {row.size: {digest}})
             uid = (found.get(digest) or [None])[0]
         if uid is None:
-            self._fail(plan, [(row, "appended, but the copy could not be found at the "
-                                    "destination to verify it")])
+            self._fail(ctx.fr, [(row, "appended, but the copy could not be found at the "
+                                      "destination to verify it")])
             return
         dsel.uidnext = max(dsel.uidnext or 0, uid + 1)
+        ctx.claimed.add(uid)
+        self.store.transition(State.COPIED, [{
+            "id": row.id, "sha256": digest, "destination_uidvalidity": dsel.uidvalidity,
+            "destination_uid": uid}])
+        row.state, row.sha256, row.destination_uid = State.COPIED, digest, uid
+        row.destination_uidvalidity = dsel.uidvalidity
+        dst.noop()
         back = self._stream_digest(dst, uid, row.size)
-        copied = [{"id": row.id, "sha256": digest, "destination_uidvalidity": dsel.uidvalidity,
-                   "destination_uid": uid}]
-        if back != digest:
-            self.store.transition(State.COPIED, copied)
-            self._fail(plan, [(row, f"verification failed: destination UID {uid} differs "
-                                    "from the source")])
-            return
-        self.store.apply([(State.COPIED, copied, False),
-                          (State.VERIFIED, [{"id": row.id, "last_error": None}], False)])
-        self.counters.add("copied")
-        self.counters.add("bytes", row.size)
+        self._verify_copies(ctx, {row.id: uid}, [row], {row.id: digest},
+                            bodies={uid: back}, dates_checked=True)
+        if row.state == State.VERIFIED:
+            self.counters.add("copied")
+            self.counters.add("bytes", row.size)
 
-    def _fail(self, plan, failures) -> None:
+    def _fail(self, fr: FolderRun, failures) -> None:
+        """Messages that failed this time (no copy at the destination): retried by the
+        next run, quarantined after repeated failures.  failures: [(row, why)]."""
+        if not failures:
+            return
         self.store.transition(State.FAILED, [{"id": r.id, "last_error": text}
                                              for r, text in failures], bump_attempts=True)
-        self._report(plan, failures)
+        for r, _ in failures:
+            r.state = State.FAILED
+        self._report(fr, failures)
 
-    def _report(self, plan, failures) -> None:
+    def _report(self, fr: FolderRun, failures) -> None:
         """Count and report failed messages: [(row, why)]."""
         self.counters.add("failed", len(failures))
         for r, text in failures:
-            self.error(f"folder {plan.source!r}: message UID {r.source_uid} ({r.size} bytes, "
-                       f"{r.message_id or 'no Message-ID'}): {text}")
+            self.error(f"folder {fr.plan.source!r}: message UID {r.source_uid} "
+                       f"({_n(r.size, 'byte')}, {r.message_id or 'no Message-ID'}): {text}")
 
-    def _find_duplicates(self, dst, batch, digests, dest_index, claimed) -> dict[int, int]:
+    def _find_duplicates(self, ctx: _FolderCopy, batch, bodies, digests) -> dict[int, int]:
         """row id → destination UID of an identical message already there."""
-        candidates = {r.id: [u for u in dest_index.get((r.message_id, r.size), ())
-                             if u not in claimed] for r in batch}
+        candidates = {r.id: [m.uid for m in ctx.dest_index.get(
+            _dup_key(r.message_id, len(bodies[r.source_uid])), ()) if m.uid not in ctx.claimed]
+            for r in batch}
         wanted = sorted({u for us in candidates.values() for u in us})
         if not wanted:
             return {}
         dest_digests = {u: hashlib.sha256(b).hexdigest()
-                        for u, b in dst.fetch_bodies(wanted).items()}
+                        for u, b in ctx.dst.fetch_bodies(wanted).items()}
         found = {}
         for r in batch:
             for u in candidates[r.id]:
-                if u not in claimed and dest_digests.get(u) == digests[r.id]:
+                if u not in ctx.claimed and dest_digests.get(u) == digests[r.id]:
                     found[r.id] = u
-                    claimed.add(u)
+                    ctx.claimed.add(u)
                     break
         return found
 
-    def _append_and_verify(self, dst, plan, dsel, rows, bodies, by_uid, digests) -> None:
-        items = [AppendItem(bodies[r.source_uid], by_uid[r.source_uid].flags,
-                            by_uid[r.source_uid].internaldate) for r in rows]
+    def _to_send(self, ctx: _FolderCopy, flags: frozenset[str]) -> frozenset[str]:
+        """The flags to give the copy: what the destination folder can keep."""
+        kept = ctx.dsel.storable(flags, ctx.dst.refused_keywords)
+        for f in flags - kept:
+            with self._lock:
+                self._not_kept[f] = self._not_kept.get(f, 0) + 1
+        return kept
+
+    def _append_and_verify(self, ctx: _FolderCopy, rows, bodies, digests) -> None:
+        dst, dsel = ctx.dst, ctx.dsel
+        items = [AppendItem(bodies[r.source_uid], self._to_send(ctx, ctx.by_uid[
+            r.source_uid].flags), ctx.by_uid[r.source_uid].internaldate) for r in rows]
         uidnext_before = dsel.uidnext
-        outcome = dst.append(plan.destination, items)
+        outcome = dst.append(ctx.fr.plan.destination, items)
         faults.checkpoint("after-append")
+        dst.noop()  # Courier shows a session its own APPENDs only after a NOOP
         pairs = list(zip(rows, outcome, strict=True))
         appended = {r.id: u for r, u in pairs if not isinstance(u, Exception)}
 
@@ -430,65 +567,150 @@ class ImapCopy(JobRunner):
                 by_size[len(bodies[r.source_uid])].add(digests[r.id])
             found = dst.find_by_content(uidnext_before or 1, by_size)
             for r in unknown:
-                uids = found.get(digests[r.id])
-                appended[r.id] = uids.pop(0) if uids else None
-
+                uids = [u for u in found.get(digests[r.id], []) if u not in ctx.claimed]
+                appended[r.id] = uids[0] if uids else None
+                if uids:
+                    ctx.claimed.add(uids[0])
         with_uid = {r.id: appended[r.id] for r in rows if appended.get(r.id)}
-        copied_back = {u: hashlib.sha256(b).hexdigest() for u, b in
-                       dst.fetch_bodies(sorted(with_uid.values())).items()}
-        # the folder grew; later UID searches must start past these
-        if with_uid:
+        ctx.claimed.update(with_uid.values())
+        if with_uid:  # the folder grew; later UID searches must start past these
             dsel.uidnext = max(dsel.uidnext or 0, max(with_uid.values()) + 1)
 
-        copied, verified, failures = [], [], []  # failures: (row, why)
+        failures = []
         for r, result in pairs:
-            uid = appended.get(r.id)
             if isinstance(result, Exception):
                 failures.append((r, str(result)))
-            elif uid is None:
+            elif r.id not in with_uid:
                 failures.append((r, "appended, but the copy could not be found at the "
                                     "destination to verify it"))
-            else:
-                copied.append({"id": r.id, "destination_uidvalidity": dsel.uidvalidity,
-                               "destination_uid": uid})
-                if copied_back.get(uid) == digests[r.id]:
-                    verified.append(r)
-                else:
-                    failures.append((r, f"verification failed: destination UID {uid} differs "
-                                        f"from the source (sha256 {digests[r.id][:12]}… "
-                                        f"expected, {(copied_back.get(uid) or 'nothing')[:12]}… "
-                                        "found)"))
+        copied = [r for r in rows if r.id in with_uid]
         self.store.apply([
-            (State.COPIED, copied, False),
-            (State.VERIFIED, [{"id": r.id, "last_error": None} for r in verified], False),
+            (State.COPIED, [{"id": r.id, "destination_uidvalidity": dsel.uidvalidity,
+                             "destination_uid": with_uid[r.id]} for r in copied], False),
             (State.FAILED, [{"id": r.id, "last_error": why} for r, why in failures], True),
         ])
-        self._report(plan, failures)
+        for r in copied:
+            r.state, r.destination_uid = State.COPIED, with_uid[r.id]
+            r.destination_uidvalidity, r.sha256 = dsel.uidvalidity, digests[r.id]
+        for r, _ in failures:
+            r.state = State.FAILED
+        self._report(ctx.fr, failures)
+        back = {u: hashlib.sha256(b).hexdigest()
+                for u, b in dst.fetch_bodies(sorted(with_uid.values())).items()}
+        self._verify_copies(ctx, with_uid, copied, digests, bodies=back, dates_checked=True)
+        verified = [r for r in copied if r.state == State.VERIFIED]
         self.counters.add("copied", len(verified))
         self.counters.add("bytes", sum(r.size for r in verified))
 
-    def _verify_copied(self, dst, dsel, rows: list[MessageRow], progress) -> None:
-        """Messages appended by an earlier run that stopped before verifying them."""
-        usable = [r for r in rows if r.destination_uid and r.sha256
-                  and r.destination_uidvalidity == dsel.uidvalidity]
-        got = {u: hashlib.sha256(b).hexdigest() for u, b in
-               dst.fetch_bodies([r.destination_uid for r in usable]).items()}
-        ok = [{"id": r.id} for r in usable if got.get(r.destination_uid) == r.sha256]
-        ok_ids = {c["id"] for c in ok}
-        bad = [{"id": r.id, "last_error": "copy at the destination is missing or differs; "
-                                          "it will be copied again"}
-               for r in rows if r.id not in ok_ids]
-        self.store.apply([(State.VERIFIED, ok, False), (State.FAILED, bad, True)])
-        self.counters.add("copied", len(ok))
-        progress.grow(len(ok))
-        progress.advance(len(ok))
+    def _verify_copies(self, ctx: _FolderCopy, uids: dict[int, int], rows: list[MessageRow],
+                       digests: dict[int, str], *, bodies: dict[int, str] | None = None,
+                       bodies_checked: bool = False, dates_checked: bool = True) -> None:
+        """Rows in ``copied`` with a copy at destination UID uids[row.id]: compare the
+        copy's body (sha256 in ``bodies``, unless already confirmed), FLAGS and
+        INTERNALDATE with the source; bring flags up to date where they differ.  Each
+        row ends ``verified``, ``failed`` (copy missing: copy again) or ``quarantined``
+        (the copy exists but the destination will not keep it identical: appending it
+        again would only add another altered copy)."""
+        dst = ctx.dst
+        if not rows:
+            return
+        meta = dst.copy_meta([uids[r.id] for r in rows])
+        want = {r.id: self._to_send(ctx, ctx.by_uid[r.source_uid].flags)
+                if r.source_uid in ctx.by_uid else r.flags for r in rows}
+        fix = [r for r in rows if uids[r.id] in meta and meta[uids[r.id]].flags != want[r.id]]
+        if fix:
+            self._store_flags(dst, [(uids[r.id], meta[uids[r.id]].flags, want[r.id])
+                                    for r in fix])
+            meta.update(dst.copy_meta([uids[r.id] for r in fix]))
+        verified, missing, bad = [], [], []
         for r in rows:
-            r.state = State.VERIFIED if r.id in ok_ids else State.FAILED
+            uid = uids[r.id]
+            m = meta.get(uid)
+            if m is None:
+                missing.append((r, "the copy is not at the destination any more; it will "
+                                   "be copied again"))
+                continue
+            source = ctx.by_uid.get(r.source_uid)
+            if not bodies_checked and (bodies or {}).get(uid) != digests[r.id]:
+                bad.append((r, f"the destination stored a different message as UID {uid} "
+                               f"(sha256 {(bodies or {}).get(uid, 'none')[:12]}…, expected "
+                               f"{digests[r.id][:12]}…). Servers that rewrite messages do "
+                               "this, e.g. Cyrus with munge8bit rewrites 8-bit header "
+                               "bytes (set munge8bit: no); the original stays at the "
+                               "source and is not appended again"))
+            elif m.flags != want[r.id]:
+                bad.append((r, f"the destination does not keep the flags of the copy "
+                               f"(UID {uid}: {' '.join(sorted(m.flags)) or 'none'}; "
+                               f"expected {' '.join(sorted(want[r.id])) or 'none'})"))
+            elif dates_checked and source is not None and source.internaldate is not None \
+                    and (m.internaldate is None or abs(
+                        (m.internaldate - source.internaldate).total_seconds()) >= 1):
+                bad.append((r, f"the destination did not keep the date of the copy (UID "
+                               f"{uid}: INTERNALDATE {m.internaldate}, expected "
+                               f"{source.internaldate})"))
+            else:
+                verified.append((r, m))
+        self.store.apply([
+            (State.VERIFIED, [{"id": r.id, "last_error": None, "destination_size": m.size,
+                               "flags": flags_to_text(ctx.by_uid[r.source_uid].flags
+                                                      if r.source_uid in ctx.by_uid
+                                                      else r.flags)}
+                              for r, m in verified], False),
+            (State.FAILED, [{"id": r.id, "last_error": why, "destination_uid": None}
+                            for r, why in missing], True),
+        ])
+        for r, _ in verified:
+            r.state = State.VERIFIED
+            if r.source_uid in ctx.by_uid:
+                r.flags = ctx.by_uid[r.source_uid].flags
+        for r, _ in missing:
+            r.state, r.destination_uid = State.FAILED, None
+        self._report(ctx.fr, missing)
+        self._quarantine(ctx.fr, bad)
+
+    @staticmethod
+    def _store_flags(dst: ImapSession, changes: list[tuple[int, frozenset, frozenset]]
+                     ) -> None:
+        """[(uid, flags now, flags wanted)] → as few STOREs as there are distinct diffs."""
+        groups: dict[tuple[frozenset, frozenset], list[int]] = defaultdict(list)
+        for uid, have, want in changes:
+            groups[(want - have, have - want)].append(uid)
+        for (add, remove), uids in groups.items():
+            for chunk in _chunks(uids, 500):
+                dst.store_flags(chunk, add, remove)
+
+    def _check_known_copies(self, dst, dsel, fr, rows, by_uid, progress) -> None:
+        """Rows with a copy at the destination from an earlier run (not yet verified, or
+        verification failed): check that copy instead of appending another."""
+        ctx = _FolderCopy(None, dst, fr, dsel, by_uid, {}, set())
+        usable = [r for r in rows if r.sha256]
+        for r in rows:
+            if not r.sha256:  # no hash recorded: nothing to compare with; copy again
+                r.destination_uid = None
+        moved = [{"id": r.id} for r in usable if r.state == State.FAILED]
+        self.store.transition(State.COPIED, moved)
+        for r in usable:
+            r.state = State.COPIED
+        for chunk in self.batches(usable, self.options.batch_bytes):
+            uids = {r.id: r.destination_uid for r in chunk}
+            if any(r.size > self.options.batch_bytes for r in chunk):
+                back = {r.destination_uid: self._stream_digest(dst, r.destination_uid, r.size)
+                        for r in chunk}
+            else:
+                back = {u: hashlib.sha256(b).hexdigest()
+                        for u, b in dst.fetch_bodies(sorted(uids.values())).items()}
+            self._verify_copies(ctx, uids, chunk, {r.id: r.sha256 for r in chunk},
+                                bodies=back, dates_checked=True)
+        ok = sum(1 for r in usable if r.state == State.VERIFIED)
+        self.counters.add("copied", ok)
+        progress.grow(ok)
+        progress.advance(ok)
 
     # --- flags -------------------------------------------------------------------
 
     def _sync_flags(self, dst, plan, dsel, rows, by_uid) -> None:
-        groups: dict[tuple[frozenset, frozenset], list[MessageRow]] = defaultdict(list)
+        """Flags changed at the source since the last sync: the copies follow."""
+        changes, records = [], []
         for r in rows.values():
             if r.state not in (State.VERIFIED, State.DELETING) or r.source_uid not in by_uid:
                 continue
@@ -497,13 +719,14 @@ class ImapCopy(JobRunner):
                 continue
             if r.destination_uidvalidity != dsel.uidvalidity:
                 continue  # destination folder was recreated; those UIDs mean nothing now
-            groups[(new - r.flags, r.flags - new)].append(r)
-        for (add, remove), members in groups.items():
-            for chunk in _chunks(members, 500):
-                dst.store_flags([r.destination_uid for r in chunk], add, remove)
-                self.store.update_flags([{"id": r.id, "flags": by_uid[r.source_uid].flags}
-                                         for r in chunk])
-                self.counters.add("flags_updated", len(chunk))
+            refused = dst.refused_keywords
+            changes.append((r.destination_uid, dsel.storable(r.flags, refused),
+                            dsel.storable(new, refused)))
+            records.append({"id": r.id, "flags": new})
+        if changes:
+            self._store_flags(dst, changes)
+            self.store.update_flags(records)
+            self.counters.add("flags_updated", len(records))
 
     # --- dry run -----------------------------------------------------------------
 
@@ -540,22 +763,47 @@ class ImapCopy(JobRunner):
     def look_again(self, src: ImapSession, dst: ImapSession, fr: FolderRun,
                    rows: list[MessageRow]) -> LookedAgain:
         """Right before deleting originals: is each copy still at the destination (same
-        UID and size), and does it carry the source's flags as they are now?  A copy
-        that is gone is copied again, never a reason to delete."""
+        UID and size), and does it carry the source's flags as they are now (flags may
+        have changed since the folder was copied)?  A copy that is gone is copied again,
+        never a reason to delete; one whose flags cannot be brought up to date is kept."""
         seen = LookedAgain()
         dsel = dst.select(fr.plan.destination, readonly=False)
-        mine = [r for r in rows if r.destination_uidvalidity == dsel.uidvalidity]
         for r in rows:
             if r.destination_uidvalidity != dsel.uidvalidity:
                 seen.gone[r.id] = ("the destination folder was re-created (UIDVALIDITY "
                                    "changed); not deleted, it will be copied again")
-        present = dst.sizes([r.destination_uid for r in mine])
+        mine = [r for r in rows if r.id not in seen.gone]
+        copies = dst.copy_meta([r.destination_uid for r in mine])
         for r in mine:
-            if present.get(r.destination_uid) not in (r.destination_size or r.size, r.size):
+            m = copies.get(r.destination_uid)
+            if m is None or m.size not in (r.destination_size or r.size, r.size):
                 seen.gone[r.id] = ("the verified copy is gone from the destination; not "
                                    "deleted, it will be copied again")
+        mine = [r for r in mine if r.id not in seen.gone]
+        now = src.source_flags([r.source_uid for r in mine])
+        refused = dst.refused_keywords
+        want = {r.id: dsel.storable(now.get(r.source_uid, r.flags), refused) for r in mine}
+        stale = [r for r in mine if copies[r.destination_uid].flags != want[r.id]]
+        if stale:
+            self._store_flags(dst, [(r.destination_uid, copies[r.destination_uid].flags,
+                                     want[r.id]) for r in stale])
+            again = dst.copy_meta([r.destination_uid for r in stale])
+            for r in stale:
+                have = again.get(r.destination_uid)
+                if have is None:
+                    seen.gone[r.id] = ("the verified copy is gone from the destination; "
+                                       "not deleted, it will be copied again")
+                elif have.flags != want[r.id]:
+                    seen.held[r.id] = (
+                        f"the flags of the copy could not be brought up to date (UID "
+                        f"{r.destination_uid}: {' '.join(sorted(have.flags)) or 'none'}; "
+                        f"the source has {' '.join(sorted(want[r.id])) or 'none'}); the "
+                        "original is kept")
+            self.counters.add("flags_updated", len(stale))
+        changed = [{"id": r.id, "flags": now[r.source_uid]} for r in mine
+                   if r.source_uid in now and now[r.source_uid] != r.flags]
+        self.store.update_flags(changed)
         return seen
-
 
     def _delete_phase(self, pool: SessionPool, runs: list[FolderRun]) -> None:
         if self.dry:

@@ -42,7 +42,7 @@ def test_plan_uses_special_use_map_and_existing_case():
            F("Deleted", "\\Trash", delim="/"), F("old", delim="/")]
     rules = Folders(include=("*",), exclude=("INBOX.Junk",),
                     map={"INBOX.Trash": "Papierkorb"})
-    plans = {p.source: p for p in plan_folders(src, ".", "INBOX.", dst, "/", "", rules)}
+    plans = {p.source: p for p in plan_folders(src, ".", "INBOX.", dst, "/", "", rules)[0]}
     assert set(plans) == {"INBOX", "INBOX.Sent Messages", "INBOX.Trash", "INBOX.Projekte.X",
                           "INBOX.Old"}
     assert plans["INBOX.Sent Messages"].destination == "Sent Items"
@@ -183,3 +183,49 @@ def test_every_command_and_option_is_documented():
             for opt in action.option_strings:
                 if opt.startswith("--") and opt != "--help":
                     assert opt in readme, f"{name} {opt} is not in README.md"
+
+
+@pytest.mark.parametrize("sources,destination", [
+    # special-use and a same-named folder
+    ([F("INBOX.Sent", delim="."), F("INBOX.Sent Messages", "\\Sent")], "Sent"),
+    # names that differ only in case
+    ([F("INBOX.Work"), F("INBOX.work")], "Work"),
+    # a '/' inside a name becomes '_' and meets a real 'a_b'
+    ([F("INBOX.a_b"), F("INBOX.a/b")], "a_b"),
+])
+def test_folders_landing_in_one_destination_folder_are_refused_not_merged(sources,
+                                                                          destination):
+    dst = [F("INBOX", delim="/"), F("Sent", "\\Sent", delim="/")]
+    plans, refused = plan_folders([F("INBOX")] + sources, ".", "INBOX.", dst, "/", "",
+                                  Folders())
+    assert [p.source for p in plans] == ["INBOX"]
+    assert sorted(name for name, _ in refused) == sorted(f.name for f in sources)
+    why = refused[0][1]
+    assert f"would all be copied into {destination!r}".lower() in why.lower()
+    assert "refusing to merge them silently" in why and "[jobs.folders] map" in why
+
+
+def test_sub_and_inbox_sub_collide_on_a_prefix_destination():
+    src = [F("Sub", delim="/"), F("INBOX/Sub", delim="/")]
+    plans, refused = plan_folders(src, "/", "", [F("INBOX")], ".", "INBOX.", Folders())
+    assert plans == [] and {n for n, _ in refused} == {"Sub", "INBOX/Sub"}
+
+
+def test_folders_mapped_together_on_purpose_are_merged():
+    src = [F("INBOX.Sent"), F("INBOX.Sent Messages", "\\Sent")]
+    rules = Folders(map={"INBOX.Sent": "Sent", "INBOX.Sent Messages": "Sent"})
+    plans, refused = plan_folders(src, ".", "INBOX.", [F("Sent", delim="/")], "/", "", rules)
+    assert refused == [] and {p.destination for p in plans} == {"Sent"}
+
+
+def test_other_users_and_public_folders_only_on_request():
+    src = [F("INBOX", delim="/"), F("Other Users/bob/Stuff", delim="/"),
+           F("Public/News", delim="/")]
+    src = [FolderInfo(f.name, f.delimiter, f.flags, personal=(f.name == "INBOX"))
+           for f in src]
+    plans, _ = plan_folders(src, "/", "", [F("INBOX", delim="/")], "/", "", Folders())
+    assert [p.source for p in plans] == ["INBOX"]
+    plans, _ = plan_folders(src, "/", "", [F("INBOX", delim="/")], "/", "", Folders(),
+                            other_namespaces=True)
+    assert {p.source: p.personal for p in plans} == {
+        "INBOX": True, "Other Users/bob/Stuff": False, "Public/News": False}

@@ -142,6 +142,7 @@ class FolderInfo:
     name: str
     delimiter: str | None
     flags: frozenset[str]
+    personal: bool = True  # in the user's personal namespace (RFC 2342)
 
     @property
     def selectable(self) -> bool:
@@ -162,6 +163,31 @@ class SelectInfo:
     uidvalidity: int
     exists: int
     uidnext: int | None
+    # PERMANENTFLAGS (None: not announced, assume every flag is kept)
+    permanent_flags: frozenset[str] | None = None
+
+    def storable(self, flags: Iterable[str], refused: Iterable[str] = ()) -> frozenset[str]:
+        """The part of ``flags`` this folder can keep: PERMANENTFLAGS without ``\\*``
+        keeps only the flags it lists; ``refused`` are keywords the server rejected."""
+        refused_lower = {f.lower() for f in refused}
+        out = set()
+        for f in flags:
+            if f.lower() in refused_lower:
+                continue
+            if self.permanent_flags is not None and "\\*" not in self.permanent_flags \
+                    and f.lower() not in {p.lower() for p in self.permanent_flags}:
+                continue
+            out.add(f)
+        return frozenset(out)
+
+
+@dataclass(frozen=True)
+class CopyMeta:
+    """What the destination says about a stored copy (read back after APPEND)."""
+
+    size: int
+    flags: frozenset[str]
+    internaldate: dt.datetime | None
 
 
 @dataclass(frozen=True)
@@ -206,9 +232,14 @@ class ImapSession:
         self.client = client
         self.capabilities = {c.decode().upper() if isinstance(c, bytes) else c.upper()
                              for c in client.capabilities()}
+        # prefixes of other users' and shared namespaces: not this user's mail
+        self.foreign_prefixes: tuple[str, ...] = ()
         self.delimiter, self.prefix = self._personal_namespace()
         self.selected: str | None = None
         self.dead = False
+        self.fetch_refused: dict[int, str] = {}  # UID → why the server would not send it
+        # keywords the server rejected ("BAD Unrecognized flag"): copied without them
+        self.refused_keywords: set[str] = set()
 
     # --- connection --------------------------------------------------------------
 
@@ -296,6 +327,9 @@ class ImapSession:
         try:
             if self.has("NAMESPACE"):
                 ns = self.client.namespace()
+                self.foreign_prefixes = tuple(
+                    p.decode() if isinstance(p, bytes) else p
+                    for p, _d in (ns.other or ()) + (ns.shared or ()) if p)
                 if ns.personal:
                     prefix, delim = ns.personal[0]
                     return (delim or "/"), (prefix or "")
@@ -315,7 +349,9 @@ class ImapSession:
         for flags, delim, name in self.client.list_folders():
             d = delim.decode() if isinstance(delim, bytes) else delim
             fl = frozenset(f.decode() if isinstance(f, bytes) else str(f) for f in flags)
-            out.append(FolderInfo(name, d, fl))
+            foreign = any(name.startswith(p) or name + (d or "") == p
+                          for p in self.foreign_prefixes)
+            out.append(FolderInfo(name, d, fl, personal=not foreign))
         return out
 
     @_guard
@@ -347,9 +383,12 @@ class ImapSession:
                 raise FolderError(f"cannot open folder {name!r}: {_server_text(exc)}") \
                     from None
         self.selected = name
+        permanent = info.get(b"PERMANENTFLAGS")
         return SelectInfo(
             uidvalidity=int(info[b"UIDVALIDITY"]), exists=int(info.get(b"EXISTS", 0)),
-            uidnext=int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None)
+            uidnext=int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None,
+            permanent_flags=None if permanent is None else frozenset(
+                f.decode() if isinstance(f, bytes) else str(f) for f in permanent))
 
     # --- messages ----------------------------------------------------------------
 
@@ -358,16 +397,19 @@ class ImapSession:
         """Metadata of every message in the selected folder (no bodies)."""
         if not exists:
             return []
-        hdr = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
         data = self._fetch_range(
             "1:*", "(UID RFC822.SIZE FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
         out = []
         for uid, item in data.items():
+            # Courier names the field quoted: BODY[HEADER.FIELDS ("MESSAGE-ID")]
+            header = next((v for k, v in item.items()
+                           if isinstance(k, bytes) and k.startswith(b"BODY[HEADER.FIELDS")),
+                          None)
             out.append(MessageMeta(
                 uid=int(uid), size=int(item[b"RFC822.SIZE"]),
                 flags=copyable_flags(item.get(b"FLAGS", ())),
                 internaldate=item.get(b"INTERNALDATE"),
-                message_id=parse_message_id(item.get(hdr))))
+                message_id=parse_message_id(header)))
         out.sort(key=lambda m: m.uid)
         return out
 
@@ -376,14 +418,36 @@ class ImapSession:
         its result by the ids it was given, which drops everything for ranges."""
         imap = self.client._imap
         tag = imap._command("UID", "FETCH", uid_set, items)
-        typ, data = imap._command_complete("FETCH", tag)
-        self.client._checkok("fetch", typ, data)
+        try:
+            typ, data = imap._command_complete("FETCH", tag)
+            self.client._checkok("fetch", typ, data)
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            raise FolderError(f"the server refused to list messages of {self.selected!r}: "
+                              f"{_server_text(exc)}") from None
         typ, data = imap._untagged_response(typ, data, "FETCH")
         return parse_fetch_response(data, self.client.normalise_times, True)
 
     @_guard
     def fetch_bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
-        """Full raw bodies, without setting \\Seen (BODY.PEEK[])."""
+        """Full raw bodies, without setting \\Seen (BODY.PEEK[]).  A message the server
+        refuses to deliver (NO) is left out, its reason kept in ``fetch_refused``; the
+        others are still returned."""
+        try:
+            return self._fetch_bodies(uids)
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            if len(uids) == 1:
+                self.fetch_refused[uids[0]] = _server_text(exc)
+                return {}
+        out = {}
+        for uid in uids:  # find the message(s) it refuses; the others are fine
+            out.update(self.fetch_bodies([uid]))
+        return out
+
+    def _fetch_bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
         if not uids:
             return {}
         wanted = set(uids)
@@ -452,9 +516,59 @@ class ImapSession:
         except IMAPClientAbortError:
             raise
         except IMAPClientError as exc:
+            keywords = {f for f in item.flags if not f.startswith("\\")}
+            if keywords and "flag" in str(exc).lower():
+                return self._append_without(folder, item, keywords)
             return AppendRejected(f"destination refused the message: {_server_text(exc)}")
         uids = self._uids_from(resp, 1)
         return uids[0]
+
+    def _append_without(self, folder: str, item: AppendItem, keywords: set[str]
+                        ) -> int | None | Exception:
+        """The server rejected a keyword (e.g. "BAD Unrecognized flag"): append with the
+        system flags only, then add the keywords one by one; those it rejects again are
+        remembered in ``refused_keywords`` (reported, and left out of verification)."""
+        uid = self._append_one(folder, AppendItem(item.body, item.flags - keywords,
+                                                  item.internaldate))
+        if not isinstance(uid, int):
+            self.refused_keywords |= keywords
+            return uid
+        self.select(folder, readonly=False)
+        for keyword in sorted(keywords):
+            try:
+                self.client.add_flags([uid], [keyword], silent=True)
+            except IMAPClientAbortError:
+                raise
+            except IMAPClientError:
+                self.refused_keywords.add(keyword)
+        return uid
+
+    @_guard
+    def noop(self) -> None:
+        """Some servers (Courier) show a session its own APPENDs only after a NOOP."""
+        self.client.noop()
+
+    @_guard
+    def copy_meta(self, uids: Sequence[int]) -> dict[int, CopyMeta]:
+        """RFC822.SIZE, FLAGS and INTERNALDATE of copies in the selected folder."""
+        if not uids:
+            return {}
+        data = self._fetch_range(uid_set_text(uids), "(RFC822.SIZE FLAGS INTERNALDATE)")
+        wanted = set(uids)
+        return {int(u): CopyMeta(int(it[b"RFC822.SIZE"]),
+                                 copyable_flags(it.get(b"FLAGS", ())),
+                                 it.get(b"INTERNALDATE"))
+                for u, it in data.items() if int(u) in wanted and b"RFC822.SIZE" in it}
+
+    @_guard
+    def source_flags(self, uids: Sequence[int]) -> dict[int, frozenset[str]]:
+        """Current flags of these messages (looked at again right before deletion)."""
+        if not uids:
+            return {}
+        data = self._fetch_range(uid_set_text(uids), "(FLAGS)")
+        wanted = set(uids)
+        return {int(u): copyable_flags(it.get(b"FLAGS", ())) for u, it in data.items()
+                if int(u) in wanted}
 
     def _uids_from(self, response, count: int) -> list[int | None]:
         parsed = parse_appenduid(response)
@@ -554,10 +668,16 @@ class ImapSession:
     def store_flags(self, uids: Sequence[int], add: Iterable[str], remove: Iterable[str]
                     ) -> None:
         add, remove = sorted(add), sorted(remove)
-        if add:
-            self.client.add_flags(list(uids), add, silent=True)
-        if remove:
-            self.client.remove_flags(list(uids), remove, silent=True)
+        try:
+            if add:
+                self.client.add_flags(list(uids), add, silent=True)
+            if remove:
+                self.client.remove_flags(list(uids), remove, silent=True)
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            raise FolderError(f"{self.endpoint.host} refused to change flags in "
+                              f"{self.selected!r}: {_server_text(exc)}") from None
 
     @_guard
     def delete(self, uids: Sequence[int]) -> None:
@@ -567,8 +687,19 @@ class ImapSession:
                 f"IMAP server {self.endpoint.host} lacks UIDPLUS (UID EXPUNGE); deleting "
                 "would need a bare EXPUNGE, which also removes messages other clients "
                 "flagged \\Deleted. Refused: nothing was deleted")
-        self.client.add_flags(list(uids), ["\\Deleted"], silent=True)
-        self.client.uid_expunge(list(uids))
+        try:
+            self.client.add_flags(list(uids), ["\\Deleted"], silent=True)
+            self.client.uid_expunge(list(uids))
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            try:  # do not leave \Deleted behind for another client's EXPUNGE
+                self.client.remove_flags(list(uids), ["\\Deleted"], silent=True)
+            except IMAPClientError:
+                pass
+            raise FolderError(f"{self.endpoint.host} refused to delete from "
+                              f"{self.selected!r} ({_server_text(exc)}); check that the "
+                              "account may delete there") from None
 
     @_guard
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
