@@ -108,7 +108,8 @@ def test_two_password_sources_refused():
 
 def test_duplicate_job_names():
     text = problems(base_job(), base_job())
-    assert "job 'alice' is defined twice (jobs #1 and #2); job names must be unique" in text
+    assert ("job 'alice' is defined twice (jobs #1 and #2); the name of each job must be "
+            "unique") in text
 
 
 def test_security_none_requires_allow_insecure():
@@ -156,8 +157,9 @@ def test_same_mailbox_with_two_protocols_refused():
     pop["source"]["username"] = "ALICE@old.example"  # same mailbox, other case
     text = problems(imap, pop)
     assert ("jobs 'alice' (IMAP) and 'bob-archive' (POP3) both read mailbox "
-            "ALICE@old.example on mail.old.example; use one protocol per mailbox: a POP3 "
-            "client deletes mail from the server that IMAP clients still expect") in text
+            "ALICE@old.example on mail.old.example (same [jobs.source] host and username); "
+            "use one protocol per mailbox: a POP3 client deletes mail from the server that "
+            "IMAP clients still expect") in text
 
 
 def test_kind_specific_tables():
