@@ -141,7 +141,9 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"is not valid TOML: {exc}{where}", source=str(path)) from None
     except RecursionError:
         # tomllib recurses once per level of nested arrays / inline tables.
-        where = _first_line_where(text, r"(?:[\[{]\s*){50}")
+        lines = text.split("\n")
+        deepest = max(range(len(lines)), key=lambda i: lines[i].count("[") + lines[i].count("{"))
+        where = _line_where(text, deepest + 1)
         raise ConfigError("is not valid TOML for mailmigrate: arrays or tables nested too "
                           f"deeply{where}", source=str(path)) from None
     except ValueError:
@@ -332,10 +334,10 @@ def _typed(v, table, key, typ, where, default=None, required=False):
 def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | None:
     name = raw.get("name")
     if "name" not in raw:
-        v.error(f"job #{index}: missing 'name' (a unique name such as \"alice\")")
+        v.error(f"job #{index} of [[jobs]]: missing 'name' (a unique name such as \"alice\")")
         return None
     if not isinstance(name, str) or not name:
-        v.error(f"job #{index}: name = {_show(name)}; expected a non-empty string such as "
+        v.error(f"job #{index} of [[jobs]]: name = {_show(name)}; expected a non-empty string such as "
                 "\"alice\"")
         return None
     where = f"job {_show(name)}"
