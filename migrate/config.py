@@ -129,53 +129,49 @@ def load(path: str | Path) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        where = _line_where(raw.decode("utf-8", "replace"), line)
+        of = _line_of(raw.decode("utf-8", "replace"), line)
         raise ConfigError(
-            f"is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}{where}; "
-            "save the file as UTF-8", source=str(path)) from None
+            f"is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}{of}; save the "
+            "file as UTF-8", source=str(path)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"at line (\d+)", str(exc))
-        where = _line_where(text, int(found.group(1))) if found else ""
-        raise ConfigError(f"is not valid TOML: {exc}{where}", source=str(path)) from None
+        of = _line_of(text, int(found.group(1))) if found else ""
+        raise ConfigError(f"is not valid TOML: {exc}{of}", source=str(path)) from None
     except RecursionError:
         # tomllib recurses once per level of nested arrays / inline tables.
         lines = text.split("\n")
         deepest = max(range(len(lines)), key=lambda i: lines[i].count("[") + lines[i].count("{"))
-        where = _line_where(text, deepest + 1)
-        raise ConfigError("is not valid TOML for mailmigrate: arrays or tables nested too "
-                          f"deeply{where}", source=str(path)) from None
+        raise ConfigError(
+            "is not valid TOML for mailmigrate: arrays or tables nested too deeply on line "
+            f"{deepest + 1}{_line_of(text, deepest + 1)}", source=str(path)) from None
     except ValueError:
         # Python refuses to convert integers of more than 4300 digits.
-        where = _first_line_where(text, r"[0-9_]{1000}")
-        raise ConfigError(f"is not valid TOML for mailmigrate: a number is too long{where}",
-                          source=str(path)) from None
+        found = re.search(r"[0-9_]{1000}", text)
+        line = text.count("\n", 0, found.start()) + 1 if found else 0
+        raise ConfigError(
+            f"is not valid TOML for mailmigrate: a number is too long on line {line}"
+            f"{_line_of(text, line)}", source=str(path)) from None
     return parse(data, base_dir=path.resolve().parent, path=path)
 
 
-# A key / table header at the start of a TOML line: shown to say where a syntax error
-# is.  Never what follows the '=', which may be a password.
-_LINE_KEY_RE = re.compile(r"""\s*(\[\[?[^\]\[=]{1,80}\]\]?|[A-Za-z0-9_."' -]{1,80}?)\s*=""")
+# A key or table header at the start of a TOML line, to say where a syntax error is.
+# Never what follows the '=', which may be a password.
+_LINE_KEY_RE = re.compile(r"""\s*([A-Za-z0-9_."' -]{1,80}?)\s*=""")
+_LINE_TABLE_RE = re.compile(r"""\s*\[\[?\s*([A-Za-z0-9_."' -]{1,80}?)\s*(?:\]|$)""")
 
 
-def _line_where(text: str, line: int) -> str:
+def _line_of(text: str, line: int) -> str:
+    """", the line of key 'port'" for line number `line` of text, or ""."""
     lines = text.split("\n")
     if not 1 <= line <= len(lines):
         return ""
-    found = _LINE_KEY_RE.match(lines[line - 1]) or re.match(
-        r"\s*(\[\[?[^\]\[=]{1,80}\]\]?)", lines[line - 1])
-    if not found:
-        return f" (line {line})"
-    what = found.group(1).strip()
-    if what.startswith("["):
-        return f" (line {line}, table {what})"
-    return f" (line {line}, key {what!r})"
-
-
-def _first_line_where(text: str, pattern: str) -> str:
-    found = re.search(pattern, text)
-    return _line_where(text, text.count("\n", 0, found.start()) + 1) if found else ""
+    found = _LINE_TABLE_RE.match(lines[line - 1])
+    if found:
+        return f", the line of table [{found.group(1)}]"
+    found = _LINE_KEY_RE.match(lines[line - 1])
+    return f", the line of key {found.group(1)!r}" if found else ""
 
 
 def redact_url(url: str) -> str:
