@@ -7,11 +7,15 @@ expected and what to do.  See config.example.toml for the documented layout.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
 from .secrets import KINDS as PASSWORD_KINDS
@@ -34,6 +38,14 @@ JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 # Deliberately loose: a user part, an @, a domain with a dot.  Typos like a missing
 # domain are what we want to catch, not RFC 5322 corner cases.
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+STATE_BACKENDS = ("sqlite", "postgresql")
+MAX_TIMEOUT = 86400  # seconds; larger values overflow the socket layer
+MAX_LEAVE_DAYS = 36500  # 100 years; far more would overflow date arithmetic
+# Bytes that cannot appear in a mail protocol argument, a file name or an environment
+# variable name; in a config they are a pasting accident.
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+LINE_BREAK_OR_NUL_RE = re.compile(r"[\x00\r\n]")
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class Job:
     folders: Folders = field(default_factory=Folders)
     delete_after_verify: bool = False
     leave_on_server_days: int | None = None
+    other_namespaces: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,12 +126,74 @@ def load(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError("is not UTF-8 text", source=str(path)) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        of = _line_of(raw.decode("utf-8", "replace"), line)
+        raise ConfigError(
+            f"is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}{of}; save the "
+            "file as UTF-8", source=str(path)) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"is not valid TOML: {exc}", source=str(path)) from None
+        found = re.search(r"at line (\d+)", str(exc))
+        of = _line_of(text, int(found.group(1))) if found else ""
+        raise ConfigError(f"is not valid TOML: {exc}{of}", source=str(path)) from None
+    except RecursionError:
+        # tomllib recurses once per level of nested arrays / inline tables.
+        lines = text.split("\n")
+        deepest = max(range(len(lines)), key=lambda i: lines[i].count("[") + lines[i].count("{"))
+        raise ConfigError(
+            "is not valid TOML for mailmigrate: arrays or tables nested too deeply on line "
+            f"{deepest + 1}{_line_of(text, deepest + 1)}", source=str(path)) from None
+    except ValueError:
+        # Python refuses to convert integers of more than 4300 digits.
+        found = re.search(r"[0-9_]{1000}", text)
+        line = text.count("\n", 0, found.start()) + 1 if found else 0
+        raise ConfigError(
+            f"is not valid TOML for mailmigrate: a number is too long on line {line}"
+            f"{_line_of(text, line)}", source=str(path)) from None
     return parse(data, base_dir=path.resolve().parent, path=path)
+
+
+# A key or table header at the start of a TOML line, to say where a syntax error is.
+# Never what follows the '=', which may be a password.
+_LINE_KEY_RE = re.compile(r"""\s*([A-Za-z0-9_."' -]{1,80}?)\s*=""")
+_LINE_TABLE_RE = re.compile(r"""\s*\[\[?\s*([A-Za-z0-9_."' -]{1,80}?)\s*(?:\]|$)""")
+
+
+def _line_of(text: str, line: int) -> str:
+    """", the line of key 'port'" for line number `line` of text, or ""."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        return ""
+    found = _LINE_TABLE_RE.match(lines[line - 1])
+    if found:
+        return f", the line of table [{found.group(1)}]"
+    found = _LINE_KEY_RE.match(lines[line - 1])
+    return f", the line of key {found.group(1)!r}" if found else ""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, also when the URL does not parse
+    (the password of a broken URL is still a password)."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        at = rest.rfind("@")
+        if at >= 0:
+            userinfo = rest[:at]
+            if ":" in userinfo:
+                rest = userinfo.split(":", 1)[0] + ":***" + rest[at:]
+        else:
+            # "user:secret/db" (host forgotten): the password sits where a port would.
+            end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
+            authority = rest[:end]
+            host, colon, port = authority.rpartition(":")
+            if colon and not port.isdigit() and not authority.endswith("]"):
+                rest = authority.split(":", 1)[0] + ":***" + rest[end:]
+        url = scheme + sep + rest
+    # libpq also takes password=... among the query parameters.
+    return re.sub(r"(?i)\b(pass(?:word|wd)?|pwd)(\s*=\s*)[^&#;\s]*", r"\1\2***", url)
 
 
 def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Config:
@@ -128,22 +203,23 @@ def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Con
     state = data.get("state", {})
     state_url = f"sqlite:///{base_dir / 'mailmigrate.db'}"
     if not isinstance(state, dict):
-        v.error("[state] must be a table, e.g. [state] url = \"sqlite:///mailmigrate.db\"")
+        v.error(f"[state]: state is {_type_name(state)}; it must be a table, e.g. "
+                "[state] url = \"sqlite:///mailmigrate.db\"")
     else:
         _check_keys(v, state, {"url"}, "[state]")
         if "url" in state:
             url = state["url"]
-            if not isinstance(url, str) or not url.startswith(("sqlite:", "postgresql")):
-                v.error(
-                    f"[state] url = {url!r}: expected an SQLAlchemy URL starting with "
-                    "'sqlite:///' (a file) or 'postgresql+psycopg://' (shared by several hosts)"
-                )
+            problem = _state_url_problem(url)
+            if problem:
+                v.error(f"[state] url{problem}; expected an SQLAlchemy URL starting with "
+                        "'sqlite:///' (a file) or 'postgresql+psycopg://' (shared by several "
+                        "hosts)")
             else:
                 state_url = _resolve_sqlite_url(url, base_dir)
 
     jobs_raw = data.get("jobs")
     jobs: list[Job] = []
-    if jobs_raw is None:
+    if jobs_raw is None or jobs_raw == []:
         v.error("no jobs defined; add at least one [[jobs]] table (see config.example.toml)")
     elif not isinstance(jobs_raw, list) or not all(isinstance(j, dict) for j in jobs_raw):
         v.error("'jobs' must be written as [[jobs]] tables")
@@ -156,8 +232,8 @@ def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Con
             if job.name in seen_names:
                 v.error(
                     f"job {job.name!r} is defined twice (jobs #{seen_names[job.name]} and "
-                    f"#{index}); job names must be unique because they select jobs on the "
-                    "command line and key their state"
+                    f"#{index}); the name of each job must be unique because it selects the "
+                    "job on the command line and keys its state"
                 )
             else:
                 seen_names[job.name] = index
@@ -166,6 +242,23 @@ def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Con
 
     v.raise_if_any(str(path) if path else None)
     return Config(path=path or base_dir / "config.toml", state_url=state_url, jobs=tuple(jobs))
+
+
+def _state_url_problem(url: object) -> str | None:
+    """What is wrong with a [state] url (to follow "[state] url"), or None.
+    Never shows a password: the URL is shown redacted."""
+    if not isinstance(url, str):
+        return f" is {_type_name(url)}"
+    shown = _show(redact_url(url))
+    if CONTROL_CHARS_RE.search(url):
+        return f" = {shown} contains a control character"
+    try:
+        backend = make_url(url).get_backend_name()
+    except (ArgumentError, ValueError):
+        return f" = {shown} is not a valid database URL"
+    if backend not in STATE_BACKENDS:
+        return f" = {shown}: database {backend!r} is not supported"
+    return None
 
 
 def _resolve_sqlite_url(url: str, base_dir: Path) -> str:
@@ -191,13 +284,29 @@ class _Validator:
             raise ConfigError(self.problems, source=source)
 
 
+def _show(value: object, limit: int = 80) -> str:
+    """repr() for an error message, cut short: a pasted blob should not flood the log."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return "a very long integer"
+    return text if len(text) <= limit else text[:limit - 4] + "..." + text[-1]
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    return {str: "a string", int: "an integer", float: "a number with a fraction",
+            list: "a list", dict: "a table"}.get(type(value), "a date/time")
+
+
 def _check_keys(v: _Validator, table: dict, allowed: set[str], where: str) -> None:
     for key in table:
         if key not in allowed:
             hint = difflib.get_close_matches(key, sorted(allowed), n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             v.error(
-                f"{where}: unknown key {key!r}{suggestion} "
+                f"{where}: unknown key {_show(key)}{suggestion} "
                 f"(allowed: {', '.join(sorted(allowed))})"
             )
 
@@ -213,33 +322,41 @@ def _typed(v, table, key, typ, where, default=None, required=False):
     if not ok:
         expected = {str: "a string", int: "an integer", bool: "true or false",
                     list: "a list", dict: "a table"}.get(typ, typ.__name__)
-        v.error(f"{where}: {key} = {value!r} has the wrong type; expected {expected}")
+        v.error(f"{where}: {key} = {_show(value)} has the wrong type; expected {expected}")
         return default
     return value
 
 
 def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | None:
     name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        v.error(f"job #{index}: missing 'name' (a unique name such as \"alice\")")
+    if "name" not in raw:
+        v.error(f"job #{index} of [[jobs]]: missing 'name' (a unique name such as \"alice\")")
         return None
-    where = f"job {name!r}"
-    if not JOB_NAME_RE.match(name):
+    if not isinstance(name, str) or not name:
+        v.error(f"job #{index} of [[jobs]]: name = {_show(name)}; expected a non-empty string such as "
+                "\"alice\"")
+        return None
+    where = f"job {_show(name)}"
+    if not JOB_NAME_RE.fullmatch(name):
         v.error(
             f"{where}: name may contain only letters, digits and . _ @ + - "
             "(it is used on the command line)"
         )
     _check_keys(
         v, raw,
-        {"name", "kind", "delete_after_verify", "leave_on_server_days",
+        {"name", "kind", "delete_after_verify", "leave_on_server_days", "other_namespaces",
          "source", "destination", "archive", "folders"},
         f"{where}, [[jobs]]",
     )
     kind = raw.get("kind")
     if kind not in JOB_KINDS:
-        v.error(f"{where}: kind = {kind!r}; expected \"imap-copy\" or \"pop3-archive\"")
+        v.error(f"{where}: kind = {_show(kind)}; expected \"imap-copy\" or \"pop3-archive\"")
         return None
     delete_after_verify = _typed(v, raw, "delete_after_verify", bool, where, default=False)
+    other_namespaces = _typed(v, raw, "other_namespaces", bool, where, default=False)
+    if other_namespaces and kind != IMAP_COPY:
+        v.error(f"{where}: other_namespaces applies to imap-copy jobs only (kind = "
+                f"{kind!r}; POP3 has no namespaces); remove it")
     leave_days = _typed(v, raw, "leave_on_server_days", int, where)
     if leave_days is not None:
         if kind != POP3_ARCHIVE:
@@ -247,13 +364,14 @@ def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | No
                 f"{where}: leave_on_server_days applies to pop3-archive jobs only; for "
                 "imap-copy use delete_after_verify"
             )
-        elif leave_days < 0:
-            v.error(f"{where}: leave_on_server_days = {leave_days}; expected 0 or more days")
+        elif not 0 <= leave_days <= MAX_LEAVE_DAYS:
+            v.error(f"{where}: leave_on_server_days = {_show(leave_days)}; expected 0 to "
+                    f"{MAX_LEAVE_DAYS} days")
         if delete_after_verify:
             v.error(
                 f"{where}: delete_after_verify = true and leave_on_server_days are both set; "
                 "choose one: delete right after the archive copy is verified, or keep mail "
-                f"on the server for {leave_days} days"
+                f"on the server for {_show(leave_days)} days"
             )
 
     source_proto = "imap" if kind == IMAP_COPY else "pop3"
@@ -263,23 +381,24 @@ def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | No
     folders = Folders()
     if kind == IMAP_COPY:
         if "archive" in raw:
-            v.error(f"{where}: [jobs.archive] is for pop3-archive jobs; an imap-copy job "
-                    "writes to [jobs.destination]")
+            v.error(f"{where}: [jobs.archive] is for pop3-archive jobs; with kind = "
+                    "\"imap-copy\" the job writes to [jobs.destination]")
         destination = _parse_endpoint(v, raw.get("destination"),
                                       f"{where}, [jobs.destination]", "imap", base_dir)
         folders = _parse_folders(v, raw.get("folders", {}), f"{where}, [jobs.folders]")
     else:
         for key in ("destination", "folders"):
             if key in raw:
-                v.error(f"{where}: [jobs.{key}] is for imap-copy jobs; a pop3-archive job "
-                        "writes to [jobs.archive] and POP3 has no folders")
+                v.error(f"{where}: [jobs.{key}] is for imap-copy jobs; with kind = "
+                        "\"pop3-archive\" the job writes to [jobs.archive] and POP3 has no "
+                        "folders")
         archive = _parse_archive(v, raw.get("archive"), f"{where}, [jobs.archive]", base_dir)
     if source is None:
         return None
     return Job(
         name=name, kind=kind, source=source, destination=destination, archive=archive,
         folders=folders, delete_after_verify=bool(delete_after_verify),
-        leave_on_server_days=leave_days,
+        leave_on_server_days=leave_days, other_namespaces=bool(other_namespaces),
     )
 
 
@@ -290,13 +409,14 @@ ENDPOINT_KEYS = {
 
 
 def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
+    section = where.rsplit("[", 1)[-1].rstrip("]")
     if raw is None:
-        section = where.rsplit("[", 1)[-1].rstrip("]")
         v.error(f"{where}: missing; add a [{section}] table with host, username and a "
                 "password source")
         return None
     if not isinstance(raw, dict):
-        v.error(f"{where}: must be a table")
+        v.error(f"{where}: {section.split('.')[-1]} is {_type_name(raw)}; it must be a "
+                f"table: [{section}] with host, username and a password source")
         return None
     _check_keys(v, raw, ENDPOINT_KEYS, where)
     host = _typed(v, raw, "host", str, where, required=True)
@@ -305,24 +425,26 @@ def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
     allow_insecure = _typed(v, raw, "allow_insecure", bool, where, default=False)
     allow_short = _typed(v, raw, "allow_short_username", bool, where, default=False)
     timeout = raw.get("timeout", 60)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        v.error(f"{where}: timeout = {timeout!r}; expected a positive number of seconds")
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not 0 < timeout <= MAX_TIMEOUT or not math.isfinite(timeout)):
+        v.error(f"{where}: timeout = {_show(timeout)}; expected a positive number of "
+                f"seconds, at most {MAX_TIMEOUT}")
         timeout = 60
     max_conn = _typed(v, raw, "max_connections", int, where, default=4)
     if max_conn < 1 or max_conn > 64:
-        v.error(f"{where}: max_connections = {max_conn}; expected 1 to 64 (servers limit "
-                "connections per user, Dovecot to 10 by default)")
+        v.error(f"{where}: max_connections = {_show(max_conn)}; expected 1 to 64 (servers "
+                "limit connections per user, Dovecot to 10 by default)")
         max_conn = 4
 
     if security not in SECURITY_MODES:
-        v.error(f"{where}: security = {security!r}; expected \"ssl\" (implicit TLS, the "
+        v.error(f"{where}: security = {_show(security)}; expected \"ssl\" (implicit TLS, the "
                 "default), \"starttls\" or \"none\"")
         security = "ssl"
     proto_name = protocol.upper()
     default_port = DEFAULT_PORTS[protocol][security]
     port = _typed(v, raw, "port", int, where, default=default_port)
     if not 1 <= port <= 65535:
-        v.error(f"{where}: port = {port}; expected 1 to 65535")
+        v.error(f"{where}: port = {_show(port)}; expected 1 to 65535")
     elif port in SMTP_PORTS:
         v.error(
             f"{where}: port = {port} is an SMTP port (sending mail), not {proto_name}; "
@@ -344,58 +466,95 @@ def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
             "trusted private network"
         )
 
-    if isinstance(username, str) and not EMAIL_RE.match(username) and not allow_short:
+    if isinstance(host, str) and (not host or any(c.isspace() for c in host) or "://" in host
+                                  or "/" in host or CONTROL_CHARS_RE.search(host)):
+        v.error(f"{where}: host = {_show(host)}; expected a bare host name such as "
+                "\"mail.example.com\" (no scheme, no path, no spaces)")
+        host = None
+    if isinstance(username, str) and (not username or CONTROL_CHARS_RE.search(username)):
+        v.error(f"{where}: username = {_show(username)}; expected the account's login, "
+                "usually the full email address, without control characters")
+        username = None
+    elif isinstance(username, str) and not EMAIL_RE.match(username) and not allow_short:
         v.error(
-            f"{where}: username = {username!r} is not a full email address; mail servers "
-            "almost always expect the full address (e.g. \"jane@example.com\"); set "
+            f"{where}: username = {_show(username)} is not a full email address; mail "
+            "servers almost always expect the full address (e.g. \"jane@example.com\"); set "
             "allow_short_username = true if this server really uses short names"
         )
 
-    given = [k for k in PASSWORD_KINDS if k in raw]
-    password = None
-    if not given:
-        v.error(f"{where}: no password source; set one of password_env, password_file, "
-                "password_command or password")
-    elif len(given) > 1:
-        v.error(f"{where}: {' and '.join(given)} are all set; keep exactly one password source")
-    else:
-        kind = given[0]
-        value = raw[kind]
-        if kind == "password_command":
-            if (not isinstance(value, list) or not value
-                    or not all(isinstance(x, str) and x for x in value)):
-                v.error(f"{where}: password_command must be a non-empty list of strings, "
-                        "e.g. [\"pass\", \"show\", \"mail/alice\"]")
-            else:
-                password = PasswordSource(kind, tuple(value), where)
-        elif not isinstance(value, str) or not value:
-            # Never echo the value: it may be the password.
-            v.error(f"{where}: {kind} must be a non-empty string")
-        else:
-            if kind == "password_file":
-                value = str(_resolve_path(value, base_dir))
-            password = PasswordSource(kind, value, where)
+    password = _parse_password_source(v, raw, where, base_dir)
 
     ca_file = None
     if "ca_file" in raw:
         ca_value = _typed(v, raw, "ca_file", str, where)
-        if ca_value:
-            ca_file = _resolve_path(ca_value, base_dir)
-            if not ca_file.is_file():
-                v.error(f"{where}: ca_file = {ca_value!r} does not exist (resolved to "
-                        f"{ca_file}); give the PEM file of the CA that signed the server's "
-                        "certificate, or remove ca_file to use the system's CAs")
+        if ca_value is not None:
+            ca_file = _path_value(v, ca_value, "ca_file", where, base_dir)
+            if ca_file is not None and not ca_file.is_file():
+                v.error(f"{where}: ca_file = {_show(ca_value)} does not exist (resolved to "
+                        f"{_show(str(ca_file))}); give the PEM file of the CA that signed the "
+                        "server's certificate, or remove ca_file to use the system's CAs")
 
     if host is None or username is None or password is None:
         return None
-    if not host or any(c.isspace() for c in host) or "://" in host:
-        v.error(f"{where}: host = {host!r}; expected a bare host name such as "
-                "\"mail.example.com\" (no scheme, no spaces)")
     return Endpoint(
         protocol=protocol, host=host, port=port, security=security, username=username,
         password=password, ca_file=ca_file, allow_insecure=bool(allow_insecure),
         timeout=float(timeout), max_connections=max_conn,
     )
+
+
+def _parse_password_source(v, raw, where, base_dir) -> PasswordSource | None:
+    given = [k for k in PASSWORD_KINDS if k in raw]
+    if not given:
+        v.error(f"{where}: no password source; set one of password_env, password_file, "
+                "password_command or password")
+        return None
+    if len(given) > 1:
+        v.error(f"{where}: {' and '.join(given)} are all set; keep exactly one password source")
+        return None
+    kind = given[0]
+    value = raw[kind]
+    if kind == "password_command":
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(x, str) and x for x in value)):
+            v.error(f"{where}: password_command must be a non-empty list of strings, "
+                    "e.g. [\"pass\", \"show\", \"mail/alice\"]")
+        elif any("\x00" in x for x in value):
+            v.error(f"{where}: password_command contains a NUL character, which no "
+                    "command line can hold; remove it")
+        else:
+            return PasswordSource(kind, tuple(value), where)
+        return None
+    # Never echo the value: it may be the password.
+    if not isinstance(value, str) or not value:
+        v.error(f"{where}: {kind} must be a non-empty string")
+    elif kind == "password_env" and ("=" in value or "\x00" in value):
+        v.error(f"{where}: password_env must be the name of an environment variable, "
+                "e.g. \"ALICE_PASSWORD\" (no '=' or NUL)")
+    elif kind == "password" and LINE_BREAK_OR_NUL_RE.search(value):
+        v.error(f"{where}: password contains a line break or NUL character, which mail "
+                "protocols cannot send; check what was pasted")
+    elif kind == "password_file":
+        path = _path_value(v, value, kind, where, base_dir)
+        return None if path is None else PasswordSource(kind, str(path), where)
+    else:
+        return PasswordSource(kind, value, where)
+    return None
+
+
+def _path_value(v, value: str, key: str, where: str, base_dir: Path) -> Path | None:
+    """A path setting resolved against the config's directory, or None (reported)."""
+    if not value or "\x00" in value:
+        v.error(f"{where}: {key} = {_show(value)}; expected a file path (not empty, no NUL)")
+        return None
+    try:
+        return _resolve_path(value, base_dir)
+    except (RuntimeError, KeyError):
+        user = value[1:].split("/", 1)[0]
+        v.error(f"{where}: {key} = {_show(value)} starts with '~' but the home directory "
+                f"of {_show(user) if user else 'the current user'} is unknown; write the "
+                "full path")
+        return None
 
 
 def _resolve_path(value: str, base_dir: Path) -> Path:
@@ -409,21 +568,24 @@ def _parse_archive(v, raw, where, base_dir) -> Archive | None:
                 "\"...\" (the local Maildir)")
         return None
     if not isinstance(raw, dict):
-        v.error(f"{where}: must be a table")
+        v.error(f"{where}: archive is {_type_name(raw)}; it must be a table: "
+                "[jobs.archive] with path = \"...\" (the local Maildir)")
         return None
     _check_keys(v, raw, {"path", "format"}, where)
     path = _typed(v, raw, "path", str, where, required=True)
     fmt = _typed(v, raw, "format", str, where, default="maildir")
     if fmt != "maildir":
-        v.error(f"{where}: format = {fmt!r}; only \"maildir\" is supported")
-    if not path:
+        v.error(f"{where}: format = {_show(fmt)}; only \"maildir\" is supported")
+    if path is None:
         return None
-    return Archive(path=_resolve_path(path, base_dir), format="maildir")
+    resolved = _path_value(v, path, "path", where, base_dir)
+    return None if resolved is None else Archive(path=resolved, format="maildir")
 
 
 def _parse_folders(v, raw, where) -> Folders:
     if not isinstance(raw, dict):
-        v.error(f"{where}: must be a table")
+        v.error(f"{where}: folders is {_type_name(raw)}; it must be a table: [jobs.folders] "
+                "with include, exclude and map")
         return Folders()
     _check_keys(v, raw, {"include", "exclude", "map"}, where)
     out = {}
@@ -433,6 +595,10 @@ def _parse_folders(v, raw, where) -> Folders:
             v.error(f"{where}: {key} must be a list of folder name patterns, e.g. "
                     "[\"*\"] or [\"INBOX.Archive*\"]")
             value = default
+        elif any(LINE_BREAK_OR_NUL_RE.search(x) for x in value):
+            v.error(f"{where}: {key} has a pattern with a line break or NUL, which no folder "
+                    "name contains")
+            value = default
         out[key] = tuple(value)
     mapping = raw.get("map", {})
     if not isinstance(mapping, dict) or not all(
@@ -440,6 +606,10 @@ def _parse_folders(v, raw, where) -> Folders:
     ):
         v.error(f"{where}: map must be a table of source folder = destination folder, "
                 "e.g. { \"INBOX.Sent Messages\" = \"Sent\" }")
+        mapping = {}
+    elif any(LINE_BREAK_OR_NUL_RE.search(k + x) for k, x in mapping.items()):
+        v.error(f"{where}: map has a folder name with a line break or NUL, which IMAP "
+                "cannot carry")
         mapping = {}
     return Folders(include=out["include"], exclude=out["exclude"], map=dict(mapping))
 
@@ -455,6 +625,7 @@ def _check_protocol_conflicts(v: _Validator, jobs: list[Job]) -> None:
             v.error(
                 f"jobs {first.name!r} ({first.source.protocol.upper()}) and {job.name!r} "
                 f"({job.source.protocol.upper()}) both read mailbox {job.source.username} on "
-                f"{job.source.host}; use one protocol per mailbox: a POP3 client deletes mail "
-                "from the server that IMAP clients still expect, so it seems to vanish"
+                f"{job.source.host} (same [jobs.source] host and username); use one protocol "
+                "per mailbox: a POP3 client deletes mail from the server that IMAP clients "
+                "still expect, so it seems to vanish"
             )

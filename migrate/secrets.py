@@ -7,6 +7,7 @@ source kind only, so a config object can be logged or put in an exception safely
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 KINDS = ("password_env", "password_file", "password_command", "password")
+PASSWORD_COMMAND_TIMEOUT = 60.0  # seconds; a prompt nobody answers must not hang cron
 
 
 @dataclass(frozen=True)
@@ -59,32 +61,69 @@ class PasswordSource:
                     f"{self.where}: password_file {str(path)!r} cannot be read "
                     f"({exc.strerror}); check the path and its permissions"
                 ) from None
+            except UnicodeDecodeError:
+                raise ConfigError(
+                    f"{self.where}: password_file {str(path)!r} is not UTF-8 text; save "
+                    "the password in it as UTF-8"
+                ) from None
             secret = text.rstrip("\r\n")
             if not secret:
                 raise ConfigError(f"{self.where}: password_file {str(path)!r} is empty")
             return secret
         if self.kind == "password_command":
-            argv = list(self.value)  # type: ignore[call-overload]
-            try:
-                proc = subprocess.run(
-                    argv, capture_output=True, text=True, timeout=60, check=False
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise ConfigError(
-                    f"{self.where}: password_command {argv[0]!r} could not run "
-                    f"({type(exc).__name__}); check that the program exists"
-                ) from None
-            if proc.returncode != 0:
-                # stdout/stderr are not shown: they may contain the secret.
-                raise ConfigError(
-                    f"{self.where}: password_command {argv[0]!r} exited with status "
-                    f"{proc.returncode}; run it by hand to see why"
-                )
-            secret = proc.stdout.splitlines()[0] if proc.stdout else ""
-            if not secret:
-                raise ConfigError(
-                    f"{self.where}: password_command {argv[0]!r} printed nothing; "
-                    "it must print the password on its first line"
-                )
-            return secret
+            return self._run_command()
         raise AssertionError(self.kind)
+
+    def _run_command(self) -> str:
+        argv = list(self.value)  # type: ignore[call-overload]
+        what = f"{self.where}: password_command {argv[0]!r}"
+        try:
+            # A session of its own: on timeout the whole process group goes, including
+            # whatever the command started (an agent, a prompt, `sleep &`).
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise ConfigError(f"{what} does not exist; check the program name, or give "
+                              "its full path") from None
+        except OSError as exc:
+            raise ConfigError(f"{what} cannot be started ({exc.strerror}); check that it "
+                              "is an executable program") from None
+        try:
+            stdout, _ = proc.communicate(timeout=PASSWORD_COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise ConfigError(
+                f"{what} did not finish within {PASSWORD_COMMAND_TIMEOUT:g} seconds and was "
+                "stopped with every process it started; run it by hand: it probably waits "
+                "for input (a passphrase prompt, a locked keyring) or keeps its output open "
+                "from a background process"
+            ) from None
+        if proc.returncode != 0:
+            # stdout/stderr are not shown: they may contain the secret.
+            raise ConfigError(
+                f"{what} exited with status {proc.returncode}; run it by hand to see why"
+            )
+        try:
+            text = stdout.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what} printed something that is not UTF-8 text; it must "
+                              "print the password on its first line") from None
+        secret = text.splitlines()[0] if text else ""
+        if not secret:
+            raise ConfigError(
+                f"{what} printed nothing; it must print the password on its first line"
+            )
+        return secret
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the command's process group and reap the command.  Its pipes are closed,
+    not read: a process that left the group may hold them open for ever."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is already gone
+        pass
+    proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,8 @@ def test_two_password_sources_refused():
 
 def test_duplicate_job_names():
     text = problems(base_job(), base_job())
-    assert "job 'alice' is defined twice (jobs #1 and #2); job names must be unique" in text
+    assert ("job 'alice' is defined twice (jobs #1 and #2); the name of each job must be "
+            "unique") in text
 
 
 def test_security_none_requires_allow_insecure():
@@ -156,8 +158,9 @@ def test_same_mailbox_with_two_protocols_refused():
     pop["source"]["username"] = "ALICE@old.example"  # same mailbox, other case
     text = problems(imap, pop)
     assert ("jobs 'alice' (IMAP) and 'bob-archive' (POP3) both read mailbox "
-            "ALICE@old.example on mail.old.example; use one protocol per mailbox: a POP3 "
-            "client deletes mail from the server that IMAP clients still expect") in text
+            "ALICE@old.example on mail.old.example (same [jobs.source] host and username); "
+            "use one protocol per mailbox: a POP3 client deletes mail from the server that "
+            "IMAP clients still expect") in text
 
 
 def test_kind_specific_tables():
@@ -275,3 +278,203 @@ def test_config_error_exit_code_through_cli(tmp_path, capsys):
     assert "username = 'a' is not a full email address" in err
     assert "missing; add a [jobs.destination] table" in err
     assert os.path.exists(tmp_path / "mailmigrate.db") is False
+
+
+# --- credentials in [state] url --------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "mysql://user:s3cret@db/x",                          # unsupported database
+    "postgresql+psycopg://user:s3cret@db:notaport/x",    # does not parse
+    "postgresql+psycopg://user:s3cret@db/x\n",           # control character
+    "mysql://user:s3cret/x",                             # host forgotten: secret as port
+    "mysql://user@db/x?password=s3cret",                 # libpq-style query parameter
+    "mysql://user:p@ss:s3cret@db/x",                     # '@' and ':' inside the password
+])
+def test_state_url_password_never_shown(url):
+    text = problems(base_job(), state={"url": url})
+    assert "[state] url = " in text and "***" in text
+    assert "s3cret" not in text
+
+
+def test_redact_url_keeps_what_helps_and_hides_the_password():
+    assert cfg.redact_url("postgresql+psycopg://mm:s3cret@db.example:5432/mailmigrate") \
+        == "postgresql+psycopg://mm:***@db.example:5432/mailmigrate"
+    assert cfg.redact_url("postgresql+psycopg://mm@db.example/mm?sslmode=require") \
+        == "postgresql+psycopg://mm@db.example/mm?sslmode=require"
+    assert cfg.redact_url("sqlite:////var/lib/mm.db") == "sqlite:////var/lib/mm.db"
+    assert cfg.redact_url("postgresql://[::1]:5432/x") == "postgresql://[::1]:5432/x"
+
+
+def test_state_url_not_a_string_is_not_echoed():
+    text = problems(base_job(), state={"url": {"password": "s3cret"}})
+    assert "[state] url is a table; expected an SQLAlchemy URL" in text
+    assert "s3cret" not in text
+
+
+def test_valid_state_urls_accepted():
+    url = "postgresql+psycopg://mm:s3cret@db.example/mailmigrate"
+    assert parse(base_job(), state={"url": url}).state_url == url
+    assert parse(base_job(), state={"url": "sqlite:///:memory:"}).state_url \
+        == "sqlite:///:memory:"
+
+
+# --- other_namespaces ------------------------------------------------------------------
+
+
+def test_other_namespaces_is_a_bool_for_imap_copy_jobs():
+    assert parse(base_job()).job("alice").other_namespaces is False
+    assert parse(base_job(other_namespaces=True)).job("alice").other_namespaces is True
+    text = problems(base_job(other_namespaces="yes"))
+    assert ("job 'alice': other_namespaces = 'yes' has the wrong type; expected true or "
+            "false") in text
+    text = problems(pop_job(other_namespaces=True))
+    assert "job 'bob-archive': other_namespaces applies to imap-copy jobs only" in text
+
+
+# --- values that used to crash or slip through (found by tests/test_config_fuzz.py) ------
+
+
+def test_out_of_range_numbers_refused():
+    job = base_job()
+    job["source"]["timeout"] = 10**30  # float() of it raised OverflowError
+    job["destination"]["timeout"] = float("nan")  # NaN <= 0 is false: NaN was accepted
+    text = problems(job, pop_job(leave_on_server_days=10**12))
+    assert ("job 'alice', [jobs.source]: timeout = 1000000000000000000000000000000; "
+            "expected a positive number of seconds, at most 86400") in text
+    assert "job 'alice', [jobs.destination]: timeout = nan; expected a positive" in text
+    assert ("job 'bob-archive': leave_on_server_days = 1000000000000; expected 0 to 36500 "
+            "days") in text
+    job = base_job()
+    job["source"]["timeout"] = float("inf")
+    assert "timeout = inf; expected a positive number" in problems(job)
+
+
+def test_unknown_home_directory_in_a_path():
+    job = pop_job(archive={"path": "~no-such-user-here/mail"})  # expanduser: RuntimeError
+    job["source"].pop("password")
+    job["source"]["password_file"] = "~no-such-user-here/pw"
+    text = problems(job)
+    assert ("job 'bob-archive', [jobs.archive]: path = '~no-such-user-here/mail' starts "
+            "with '~' but the home directory of 'no-such-user-here' is unknown; write the "
+            "full path") in text
+    assert "[jobs.source]: password_file = '~no-such-user-here/pw' starts with '~'" in text
+
+
+def test_values_that_would_fail_later_refused_now():
+    job = base_job(name="alice\n")  # '$' matched before a trailing newline
+    text = problems(job)
+    assert "job 'alice\\n': name may contain only letters" in text
+    text = problems(pop_job(archive={"path": ""}))  # gave a job without an archive
+    assert "job 'bob-archive', [jobs.archive]: path = ''; expected a file path" in text
+    job = base_job()
+    job["source"]["password_env"] = "A\x00B"
+    job["destination"]["host"] = "mail.new.example\x00"
+    text = problems(job)
+    assert "[jobs.source]: password_env must be the name of an environment variable" in text
+    assert "[jobs.destination]: host = 'mail.new.example\\x00'; expected a bare host" in text
+    with pytest.raises(ConfigError, match="no jobs defined"):
+        cfg.parse({"jobs": []}, base_dir=Path("/etc/mailmigrate"))
+
+
+def test_inline_password_with_a_line_break_refused_without_echo():
+    job = pop_job()
+    job["source"]["password"] = "s3cret\nDELE 1"
+    text = problems(job)
+    assert "[jobs.source]: password contains a line break or NUL character" in text
+    assert "s3cret" not in text
+
+
+def test_kind_mismatch_names_kind():
+    text = problems(pop_job(kind="imap-copy"))
+    assert ("job 'bob-archive': [jobs.archive] is for pop3-archive jobs; with kind = "
+            "\"imap-copy\" the job writes to [jobs.destination]") in text
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'[[jobs]]\nname = "a"\nkind = "imap-copy\n',
+     "is not valid TOML: Illegal character '\\n' (at line 3, column 18), the line of key "
+     "'kind'"),
+    (b'[[jobs]]\nname = "a"\n[jobs.source\n',
+     "(at line 3, column 13), the line of table [jobs.source]"),
+    (b'[[jobs]]\nname = "a"\npassword = "s3cret\xff"\n',
+     "is not UTF-8 text: byte 0xff on line 3, the line of key 'password'; save the file "
+     "as UTF-8"),
+    (b"[[jobs]]\nname = " + b"9" * 5000 + b"\n",
+     "a number is too long on line 2, the line of key 'name'"),
+    (b"[[jobs]]\nname = " + b"[" * 5000 + b"]" * 5000 + b"\n",
+     "arrays or tables nested too deeply on line 2, the line of key 'name'"),
+])
+def test_unreadable_toml_names_line_and_key_never_the_value(tmp_path, content, expected):
+    path = tmp_path / "c.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path)
+    assert expected in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+# --- password sources at run time -------------------------------------------------------
+
+
+def command_source(argv: list[str]):
+    job = base_job()
+    job["source"].pop("password_env")
+    job["source"]["password_command"] = argv
+    return parse(job).job("alice").source.password
+
+
+def process_alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie (killed, waiting for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_password_command_timeout_kills_command_and_children(tmp_path, monkeypatch):
+    from migrate import secrets
+
+    monkeypatch.setattr(secrets, "PASSWORD_COMMAND_TIMEOUT", 1.0)
+    pids = tmp_path / "pids"
+    source = command_source(
+        ["sh", "-c", f"sleep 30 & echo $! > {pids}; echo $$ >> {pids}; echo partial-s3cret; "
+                     "sleep 30"])
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        source.reveal()
+    assert time.monotonic() - started < 10
+    text = str(info.value)
+    assert ("job 'alice', [jobs.source]: password_command 'sh' did not finish within 1 "
+            "seconds and was stopped with every process it started; run it by hand") in text
+    assert "does not exist" not in text and "partial-s3cret" not in text
+    grandchild, child = (int(x) for x in pids.read_text().split())
+    deadline = time.monotonic() + 10
+    while any(process_alive(p) for p in (child, grandchild)):
+        if time.monotonic() > deadline:
+            pytest.fail(f"password_command processes still running: {child}, {grandchild}")
+        time.sleep(0.05)
+
+
+def test_password_command_missing_or_not_executable(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        command_source(["no-such-password-program", "x"]).reveal()
+    assert ("job 'alice', [jobs.source]: password_command 'no-such-password-program' does "
+            "not exist; check the program name, or give its full path") in str(info.value)
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\necho pw\n")
+    with pytest.raises(ConfigError, match="cannot be started \\(Permission denied\\)"):
+        command_source([str(script)]).reveal()
+
+
+def test_password_command_output_not_utf8_and_file_not_utf8(tmp_path):
+    with pytest.raises(ConfigError, match="printed something that is not UTF-8 text"):
+        command_source(["printf", "\\377secret"]).reveal()
+    secret_file = tmp_path / "pw"
+    secret_file.write_bytes(b"\xffsecret\n")
+    job = base_job()
+    job["source"] = {"host": "h.example", "username": "a@b.example",
+                     "password_file": str(secret_file)}
+    with pytest.raises(ConfigError, match="password_file .* is not UTF-8 text"):
+        parse(job).job("alice").source.password.reveal()
