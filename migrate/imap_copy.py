@@ -339,8 +339,8 @@ class ImapCopy(JobRunner):
             dest_index[_dup_key(m.message_id, m.size)].append(m)
         # Copies that belong to a message of this job - any folder, any state - are
         # never taken as another message's duplicate.
-        claimed = self.store.claimed_destination_uids(self.job_id, fr.plan.destination,
-                                                      dsel.uidvalidity)
+        claimed = self.store.claimed_destination_uids(
+            self.job_id, fr.plan.destination, dsel.uidvalidity, fr.folder_id, fr.uidvalidity)
         ctx = _FolderCopy(src, dst, fr, dsel, by_uid, dest_index, claimed)
         for row in [r for r in pending if r.source_uid in fr.poisoned]:
             self._fail(fr, [(row, "the source server dropped the connection every time this "

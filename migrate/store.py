@@ -24,9 +24,10 @@ from sqlalchemy import (
     insert, or_, select, update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.exc import NoSuchModuleError
 
+from .config import redact_url
 from .errors import ConfigError, JobLocked, SafetyError, StateError
 from .states import State, sources_of
 
@@ -274,7 +275,7 @@ class Store:
                                                      value=str(SCHEMA_VERSION)))
                 elif version < SCHEMA_VERSION:
                     _upgrade(conn, version)
-        except OperationalError as exc:
+        except DBAPIError as exc:
             raise StateError(
                 f"cannot open state database {self.safe_url}: {exc.orig}; check [state] url "
                 "and that the directory is writable / the server is running"
@@ -609,9 +610,14 @@ class Store:
                 f"{result.rowcount}; another run may be working on this job")
 
     def claimed_destination_uids(self, job_id: int, destination_name: str,
-                                 destination_uidvalidity: int) -> set[int]:
+                                 destination_uidvalidity: int, folder_id: int,
+                                 source_uidvalidity: int) -> set[int]:
         """Destination UIDs that belong to some message of this job (any state, any source
-        folder): a duplicate check must never take one of them for another message."""
+        folder): a duplicate check must never take one of them for another message.
+        Rows of ``folder_id`` from an older source UIDVALIDITY do not count: the same
+        messages under new UIDs are about to find those copies again."""
+        stale = (messages.c.folder_id == folder_id) & (
+            messages.c.source_uidvalidity != source_uidvalidity)
         with self.engine.connect() as conn:
             return set(conn.execute(
                 select(messages.c.destination_uid).join(
@@ -619,7 +625,7 @@ class Store:
                 .where(folders.c.job_id == job_id,
                        folders.c.destination_name == destination_name,
                        messages.c.destination_uidvalidity == destination_uidvalidity,
-                       messages.c.destination_uid.is_not(None))).scalars())
+                       messages.c.destination_uid.is_not(None), ~stale)).scalars())
 
     def release_quarantine(self, job_id: int) -> int:
         """run --retry-failed: quarantined messages of this job are tried again."""
@@ -690,8 +696,11 @@ def _make_engine(url: str) -> Engine:
             f"[state] url uses a database driver that is not installed ({url.split(':')[0]}); "
             "for PostgreSQL install the extra: pip install 'mailmigrate[postgres]' and use "
             "postgresql+psycopg://") from None
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigError(f"[state] url is not a valid database URL: {exc}") from None
+    except (ArgumentError, ValueError):
+        # not {exc}: a mistyped URL's error text can contain its password
+        raise ConfigError(f"[state] url = {redact_url(url)!r} is not a valid database URL; "
+                          "expected sqlite:///FILE or postgresql+psycopg://USER@HOST/DB") \
+            from None
     except ModuleNotFoundError as exc:
         raise ConfigError(
             f"[state] url needs the Python module {exc.name!r}; for PostgreSQL install "
