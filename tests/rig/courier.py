@@ -99,9 +99,12 @@ class CourierServer:
         cert.private_key_pem.write_to_path(str(pem))
         for blob in cert.cert_chain_pems:
             blob.write_to_path(str(pem), append=True)
-        os.chmod(pem, 0o600)
         nobody = pwd.getpwnam("nobody")
         self.mail_uid, self.mail_gid = nobody.pw_uid, nobody.pw_gid
+        # for STARTTLS, imaplogin/courierpop3login run couriertls as the "courier" user
+        # (nobody's ids in the namespace), as Debian's postinst makes it own imapd.pem
+        os.chmod(pem, 0o600)
+        os.chown(pem, self.mail_uid, self.mail_gid)
         os.chown(self.homes, self.mail_uid, self.mail_gid)
         (self.etc / "authdaemonrc").write_text(
             'authmodulelist="authuserdb"\nauthmodulelistorig="authuserdb"\ndaemons=3\n'
@@ -118,7 +121,7 @@ class CourierServer:
         p = self.ports
         env = dict(IMAP_ENV, COURIERTLS=f"{r}/usr/bin/couriertls",
                    TLS_CERTFILE="/etc/courier/server.pem", TLS_VERIFYPEER="NONE",
-                   TLS_PROTOCOL="TLS1_2+", TLS_STARTTLS_PROTOCOL="TLS1_2+",
+                   
                    LD_LIBRARY_PATH=f"{r}/usr/lib", PATH="/usr/bin:/bin:/usr/sbin:/sbin")
         exports = "\n".join(f"export {k}={_sh_quote(v)}" for k, v in env.items())
         tcpd = f"{r}/usr/sbin/couriertcpd -address=127.0.0.1 -maxprocs=100 -maxperip=100 " \
@@ -132,20 +135,32 @@ class CourierServer:
 set -eu
 R={_sh_quote(r)}
 B={_sh_quote(b)}
-# Mount SOURCE over TARGET; a missing TARGET is created in a throw-away overlay of its
-# parent directory so the host's tree stays untouched.
+# A throw-away writable layer over DIR: changes live in a tmpfs, the host's tree stays
+# untouched.
+overlay() {{
+  tag=$(echo "$1" | tr / _)
+  mkdir -p "$B/ns/$tag.upper" "$B/ns/$tag.work"
+  mount -t overlay mailmigrate-courier \\
+    -o "lowerdir=$1,upperdir=$B/ns/$tag.upper,workdir=$B/ns/$tag.work" "$1"
+}}
+# Mount SOURCE over TARGET, creating a missing TARGET in an overlay of its parent.
 graft() {{
   target=$1; source=$2
   if [ ! -d "$target" ]; then
-    parent=$(dirname "$target"); tag=$(echo "$parent" | tr / _)
-    mkdir -p "$B/ns/$tag.upper" "$B/ns/$tag.work"
-    mount -t overlay mailmigrate-courier \\
-      -o "lowerdir=$parent,upperdir=$B/ns/$tag.upper,workdir=$B/ns/$tag.work" "$parent"
+    overlay "$(dirname "$target")"
     mkdir "$target"
   fi
   mount --bind "$source" "$target"
 }}
 mount -t tmpfs mailmigrate-courier "$B/ns"
+# imaplogin and couriertls look up the "courier" user (STARTTLS) that courier-base's
+# postinst would create: create it in the namespace only.
+overlay /etc
+if ! getent passwd courier >/dev/null; then
+  echo "courier:x:{self.mail_uid}:{self.mail_gid}:Courier rig:/nonexistent:/usr/sbin/nologin" \\
+    >>/etc/passwd
+fi
+getent group courier >/dev/null || echo "courier:x:{self.mail_gid}:" >>/etc/group
 graft /etc/courier "$B/etc"
 graft /run/courier "$B/run"
 graft /usr/lib/courier-authlib "$R/usr/lib/courier-authlib"
