@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
+import re
 import pwd
 import shutil
 import signal
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,7 @@ from .dovecot import Account, free_port
 
 RIG_DIR = Path(os.environ.get("MAILMIGRATE_RIG_DIR", "/var/tmp/mailmigrate-rig"))
 ROOT = RIG_DIR / "courier"
-INSTALL_HINT = "run scripts/install-courier (as root)"
+INSTALL_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "install-courier"
 
 # What Debian's /etc/courier/imapd and pop3d set, minus the automatic Trash purge
 # (IMAP_EMPTYTRASH would delete old test mail at logout).
@@ -207,7 +210,8 @@ wait
 
     def start(self, timeout: float = 20.0) -> None:
         if not (self.root / ".installed").exists():
-            raise CourierUnavailable(f"Courier is not installed in {self.root}; {INSTALL_HINT}")
+            raise CourierUnavailable(f"Courier is not installed in {self.root}; run "
+                                     f"{INSTALL_SCRIPT} (as root)")
         if os.geteuid() != 0:
             raise CourierUnavailable("the Courier rig needs root (private mount namespace)")
         unshare = shutil.which("unshare") or "/usr/bin/unshare"
@@ -242,9 +246,11 @@ wait
         try:
             os.killpg(self._proc.pid, sig)
         except ProcessLookupError:
-            return
+            pass
 
     def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM to unshare: its --kill-child then ends the namespace and all of Courier
+        (couriertcpd runs in process groups of its own, but inside the namespace)."""
         self._signal(signal.SIGTERM)
         if self._proc is not None:
             try:
@@ -253,7 +259,6 @@ wait
                 self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the process group; the namespace's PID 1 dying takes the rest along."""
         self._signal(signal.SIGKILL)
         if self._proc is not None:
             self._proc.wait()
@@ -284,12 +289,26 @@ wait
 
 # --- fixtures ----------------------------------------------------------------------
 
-_user_numbers = iter(range(1, 1_000_000))
+_user_numbers = itertools.count(1)
+
+
+def ensure_installed() -> None:
+    """Run scripts/install-courier (silent and quick once installed), as scripts/test
+    installs Dovecot."""
+    if (ROOT / ".installed").exists():
+        return
+    proc = subprocess.run([str(INSTALL_SCRIPT)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise CourierUnavailable(f"{INSTALL_SCRIPT} failed: {proc.stderr.strip()}")
 
 
 @pytest.fixture(scope="session")
 def courier_host(test_ca):
-    server = CourierServer("courier", test_ca)
+    try:
+        ensure_installed()
+        server = CourierServer("courier", test_ca)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"Courier is not available: {exc}", pytrace=False)
     try:
         server.start()
     except Exception as exc:  # noqa: BLE001
@@ -301,9 +320,6 @@ def courier_host(test_ca):
 
 @pytest.fixture
 def courier_account(courier_host, request):
-    import re
-    import uuid
-
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
     return courier_host.add_user(f"{name}-{next(_user_numbers)}@courier.test",
                                  "courier-" + uuid.uuid4().hex[:12])
