@@ -80,6 +80,9 @@ class CourierServer:
     inbox_prefix = True
 
     def __init__(self, name: str, ca):
+        if os.geteuid() != 0:
+            raise CourierUnavailable("the Courier rig needs root (a private mount namespace "
+                                     "and mail owned by nobody)")
         self.name = name
         self.root = ROOT
         self.base = Path(tempfile.mkdtemp(prefix=f"mailmigrate-{name}-"))
@@ -212,8 +215,6 @@ wait
         if not (self.root / ".installed").exists():
             raise CourierUnavailable(f"Courier is not installed in {self.root}; run "
                                      f"{INSTALL_SCRIPT} (as root)")
-        if os.geteuid() != 0:
-            raise CourierUnavailable("the Courier rig needs root (private mount namespace)")
         unshare = shutil.which("unshare") or "/usr/bin/unshare"
         with self.log.open("ab") as log:
             # --kill-child: if unshare dies, the namespace's PID 1 and so all of Courier die
