@@ -193,10 +193,11 @@ class JobRunner:
         originals: they become failed (kept at the source, copied again by the next
         run), never deleted."""
         if gone:
-            self.store.transition(State.FAILED, [{"id": r.id, "last_error": why[r.id]}
-                                                 for r in gone], bump_attempts=True)
+            self.store.transition(State.FAILED, [{"id": r.id, "last_error": why[r.id],
+                                                  "destination_uid": None} for r in gone],
+                                  bump_attempts=True)
             for r in gone:
-                r.state = State.FAILED
+                r.state, r.destination_uid = State.FAILED, None
             self.counters.add("failed", len(gone))
             self.error(report)
 

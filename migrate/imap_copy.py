@@ -604,7 +604,8 @@ class ImapCopy(JobRunner):
 
     def _verify_copies(self, ctx: _FolderCopy, uids: dict[int, int], rows: list[MessageRow],
                        digests: dict[int, str], *, bodies: dict[int, str] | None = None,
-                       bodies_checked: bool = False, dates_checked: bool = True) -> None:
+                       bodies_checked: bool = False, dates_checked: bool = True,
+                       missing_is_error: bool = True) -> None:
         """Rows in ``copied`` with a copy at destination UID uids[row.id]: compare the
         copy's body (sha256 in ``bodies``, unless already confirmed), FLAGS and
         INTERNALDATE with the source; bring flags up to date where they differ.  Each
@@ -665,7 +666,8 @@ class ImapCopy(JobRunner):
                 r.flags = ctx.by_uid[r.source_uid].flags
         for r, _ in missing:
             r.state, r.destination_uid = State.FAILED, None
-        self._report(ctx.fr, missing)
+        if missing_is_error:
+            self._report(ctx.fr, missing)
         self._quarantine(ctx.fr, bad)
 
     @staticmethod
@@ -699,8 +701,9 @@ class ImapCopy(JobRunner):
             else:
                 back = {u: hashlib.sha256(b).hexdigest()
                         for u, b in dst.fetch_bodies(sorted(uids.values())).items()}
+            # a copy that is gone is simply copied again below, in this run
             self._verify_copies(ctx, uids, chunk, {r.id: r.sha256 for r in chunk},
-                                bodies=back, dates_checked=True)
+                                bodies=back, dates_checked=True, missing_is_error=False)
         ok = sum(1 for r in usable if r.state == State.VERIFIED)
         self.counters.add("copied", ok)
         progress.grow(ok)
