@@ -78,7 +78,9 @@ def _dup_key(message_id: str | None, size: int) -> tuple[str | None, int | None]
 
 
 def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
 
 
 class SessionPool:
@@ -265,6 +267,7 @@ class ImapCopy(JobRunner):
                 r.state = State.VERIFIED
         here = [r for r in rows.values() if r.source_uid in by_uid]
         if not self.dry:
+            self._refind_after_destination_reset(fr, dsel, here)
             self._quarantine_repeated_failures(fr, here)
             # A message whose copy is already at the destination (appended by a run that
             # stopped before verifying, or failed verification) is checked, never
@@ -307,6 +310,27 @@ class ImapCopy(JobRunner):
                 f"folder {plan.source!r}: {_n(vanished, 'message')} vanished from the "
                 "source since the last run without mailmigrate deleting them; another "
                 "client (often a POP3 client) is deleting mail from this mailbox")
+
+    def _refind_after_destination_reset(self, fr: FolderRun, dsel: SelectInfo,
+                                        rows: list[MessageRow]) -> None:
+        """The destination folder's UIDVALIDITY changed (re-created, restored, migrated
+        server-side): our copies may well still be there, under new UIDs.  Those rows go
+        back through the duplicate check, which finds them by content - not an error."""
+        stale = [r for r in rows if r.state in (State.VERIFIED, State.DELETING)
+                 and r.destination_uidvalidity not in (None, dsel.uidvalidity)]
+        if not stale:
+            return
+        self.warn(f"folder {fr.plan.source!r}: the destination folder {fr.plan.destination!r} "
+                  f"has a new UIDVALIDITY; looking for {_n(len(stale), 'copy')} there again "
+                  "by content")
+        self.store.apply([
+            (State.VERIFIED, [{"id": r.id} for r in stale if r.state == State.DELETING],
+             False),
+            (State.FAILED, [{"id": r.id, "destination_uid": None,
+                             "last_error": "destination UIDVALIDITY changed"} for r in stale],
+             False)])
+        for r in stale:
+            r.state, r.destination_uid = State.FAILED, None
 
     def _quarantine_repeated_failures(self, fr: FolderRun, rows: list[MessageRow]) -> None:
         """A message that failed run after run will not copy by trying again: it is

@@ -238,3 +238,21 @@ def test_identical_message_arriving_after_its_twin_was_moved_gets_its_own_copy(
     assert second.ok, second.errors
     assert second.counts["copied"] == 1 and second.counts["deleted"] == 1
     assert hashes(new_account, "INBOX") == collections.Counter({msg.sha256: 2})
+
+
+def test_changed_destination_uidvalidity_refinds_copies_without_errors(old_account,
+                                                                       new_account, tmp_path):
+    msgs = [m for m in small_mailbox(seed=81) if m.folder == "INBOX"]
+    mailgen.fill(old_account, msgs)
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)])
+    assert run(path).ok
+    new_account.server.doveadm("mailbox", "update", "-u", new_account.username,
+                               "--uid-validity", "777", "INBOX")
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account,
+                                                       delete_after_verify=True)])
+    result = run(path)
+    assert result.ok, result.errors
+    assert any("has a new UIDVALIDITY" in w for w in result.warnings)
+    assert result.counts.get("copied", 0) == 0 and result.counts["skipped"] == len(msgs)
+    assert result.counts["deleted"] == len(msgs)
+    assert hashes(new_account, "INBOX") == collections.Counter(m.sha256 for m in msgs)
