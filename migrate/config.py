@@ -629,3 +629,15 @@ def _check_protocol_conflicts(v: _Validator, jobs: list[Job]) -> None:
                 "per mailbox: a POP3 client deletes mail from the server that IMAP clients "
                 "still expect, so it seems to vanish"
             )
+        elif first is not job and (_deletes(first) or _deletes(job)):
+            deleter = first if _deletes(first) else job
+            v.error(
+                f"jobs {first.name!r} and {job.name!r} both read mailbox "
+                f"{job.source.username} on {job.source.host}, and {deleter.name!r} deletes "
+                "from it (delete_after_verify / leave_on_server_days): the other job would "
+                "silently miss every message deleted before it copied it. Let one job read "
+                "each mailbox, or turn deletion off in that job")
+
+
+def _deletes(job: Job) -> bool:
+    return job.delete_after_verify or job.leave_on_server_days is not None

@@ -163,6 +163,15 @@ def test_same_mailbox_with_two_protocols_refused():
             "IMAP clients still expect") in text
 
 
+def test_second_reader_of_a_mailbox_one_job_deletes_from_refused():
+    keep = base_job()
+    move = base_job(name="alice-move", delete_after_verify=True)
+    text = problems(keep, move)
+    assert ("jobs 'alice' and 'alice-move' both read mailbox alice@old.example on "
+            "mail.old.example, and 'alice-move' deletes from it") in text
+    parse(keep, base_job(name="alice-again"))  # two readers without deletion are fine
+
+
 def test_kind_specific_tables():
     text = problems(base_job(archive={"path": "x"}),
                     pop_job(destination={"host": "h"}, folders={}))

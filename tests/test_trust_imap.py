@@ -155,11 +155,15 @@ def test_flags_changed_before_deletion_reach_the_copy(old_account, new_account, 
 
 def test_second_job_on_a_mailbox_another_job_deletes_from_is_refused(old_account,
                                                                     new_account, tmp_path):
+    """Two configs sharing one state database (the config check cannot see both)."""
     mailgen.fill(old_account, [m for m in small_mailbox(seed=75) if m.folder == "INBOX"])
     other = new_account.server.add_user("second-" + new_account.username, "pw-second")
-    path = write_config(tmp_path / "c.toml", [
-        imap_job("keep", old_account, new_account),
-        imap_job("move", old_account, other, delete_after_verify=True)])
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    keep = write_config(tmp_path / "keep.toml", [imap_job("keep", old_account, new_account)],
+                        state)
+    assert run_cli("run", "-c", str(keep), "--no-progress").returncode == 0
+    path = write_config(tmp_path / "move.toml", [
+        imap_job("move", old_account, other, delete_after_verify=True)], state)
     proc = run_cli("run", "-c", str(path), "--no-progress")
     assert proc.returncode == 2, proc.stderr
     assert "jobs 'move' and 'keep' both read mailbox" in proc.stderr
