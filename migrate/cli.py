@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 from . import __version__
 from . import config as config_mod
-from .engine import RunOptions, exit_code, run_jobs
+from .engine import JobResult, RunOptions, exit_code, run_jobs, total_line
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError
 
 EPILOG = """exit codes: 0 everything done; 1 something failed (details above the summary);
-2 configuration error or refused for safety (nothing was touched)"""
+2 configuration error or refused for safety; 3 a job was already running (only when no
+job failed or was refused); 130/143 interrupted by SIGINT/SIGTERM"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-delete", type=int, metavar="N",
                      help="refuse deletion (not the copy) when more than N messages would "
                           "be deleted from a source in one run")
+    run.add_argument("--max-errors", type=int, metavar="N",
+                     help="stop a job after N errors (default: no limit)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--batch-messages", type=int, default=200, help=argparse.SUPPRESS)
     run.add_argument("--batch-mb", type=float, default=4.0, help=argparse.SUPPRESS)
-    run.add_argument("-v", "--verbose", action="count", default=0)
+    run.add_argument("-v", "--verbose", action="count", default=0,
+                     help="log what happens to stderr (-vv: also every batch, tracebacks)")
 
     check = sub.add_parser("check-config", help="validate the config file and exit")
     check.add_argument("-c", "--config", required=True)
@@ -78,23 +86,75 @@ def _run(args) -> int:
     if args.max_delete is not None and args.max_delete < 0:
         print("mailmigrate: error: --max-delete must be 0 or more", file=sys.stderr)
         return EXIT_REFUSED
+    if args.max_errors is not None and args.max_errors < 1:
+        print("mailmigrate: error: --max-errors must be 1 or more", file=sys.stderr)
+        return EXIT_REFUSED
     cfg = config_mod.load(args.config)
     for name in args.job or ():
         cfg.job(name)  # unknown names fail before anything runs
     options = RunOptions(dry_run=args.dry_run, max_delete=args.max_delete,
+                         max_errors=args.max_errors,
                          progress=False if args.no_progress else None,
                          batch_messages=max(1, args.batch_messages),
                          batch_bytes=max(1, int(args.batch_mb * 1024 * 1024)))
-    results = run_jobs(cfg, args.job, options)
-    for r in results:
-        for line in r.plan:
-            print(f"{r.job}: {line}")
-        for w in r.warnings:
-            print(f"mailmigrate: warning: {r.job}: {w}", file=sys.stderr)
-        for e in r.errors:
-            print(f"mailmigrate: error: {r.job}: {e}", file=sys.stderr)
-        print(r.summary_line())
+    stopper = StopOnSignal(options.stop)
+    stopper.install()
+    started = time.monotonic()
+    try:
+        results = run_jobs(cfg, args.job, options, on_result=_show)
+    finally:
+        stopper.uninstall()
+    if len(results) > 1:
+        print(total_line(results, time.monotonic() - started), flush=True)
+    if stopper.signum is not None:
+        return 128 + stopper.signum
     return exit_code(results)
+
+
+def _show(r: JobResult) -> None:
+    """One finished job: its plan, warnings and errors, then its summary line - printed
+    as soon as the job is done, so cron mail has it even if a later job hangs."""
+    for line in r.plan:
+        print(f"{r.job}: {line}")
+    sys.stdout.flush()
+    for w in r.warnings:
+        print(f"mailmigrate: warning: {r.job}: {w}", file=sys.stderr)
+    for e in r.error_lines():
+        print(f"mailmigrate: error: {r.job}: {e}", file=sys.stderr)
+    sys.stderr.flush()
+    print(r.summary_line(), flush=True)
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM once: every job finishes its batch in flight and starts nothing
+    new, summaries are printed, runs are recorded as aborted.  A second one: exit at
+    once (the state database is crash-safe; the next run records this one as aborted)."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        # os.write, not print: the handler may interrupt a print of the main thread
+        if self.signum is None:
+            self.signum = signum
+            self.stop.set()
+            os.write(2, f"mailmigrate: {name}: stopping after the batch in flight; "
+                        f"{name} again stops at once\n".encode())
+        else:
+            os.write(2, f"mailmigrate: {name} again: stopping now; the next run "
+                        "continues where this one stopped\n".encode())
+            os._exit(128 + (self.signum or signum))
 
 
 def _unbind(args) -> int:
@@ -126,13 +186,24 @@ def _unbind(args) -> int:
 
 
 def _setup_logging(verbose: int) -> None:
+    """Warnings and errors always reach stderr; -v adds what happens, -vv every batch
+    and the traceback of an unexpected error."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(_PlainFormatter())
+        # a job's own warnings and errors are printed once, right before its summary
+        handler.addFilter(lambda record: not getattr(record, "reported", False))
     root = logging.getLogger("migrate")
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Warnings and errors are printed once, by the CLI, after the run.
     root.propagate = False
-    if verbose == 0:
-        root.setLevel(logging.CRITICAL)
+
+
+class _PlainFormatter(logging.Formatter):
+    """``mailmigrate: warning: ...`` like the CLI's own messages (cron mail)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"mailmigrate: {record.levelname.lower()}: {record.getMessage()}"

@@ -152,7 +152,7 @@ class ImapCopy(JobRunner):
             runs = [FolderRun(p) for p in plans]
             with ThreadPoolExecutor(workers, thread_name_prefix=f"mm-{self.job.name}") as ex:
                 list(ex.map(lambda fr: self._folder_with_retry(pool, fr, progress), runs))
-            if self.job.delete_after_verify:
+            if self.job.delete_after_verify and not self.stopping():
                 self._delete_phase(pool, runs)
             if self._not_kept:
                 self.warn("the destination cannot keep these flags, so copies were made "
@@ -185,6 +185,7 @@ class ImapCopy(JobRunner):
                     dst.create_folder(p.destination)
                 except FolderError as exc:  # this folder is skipped, the others go on
                     failed.add(p.destination)
+                    self.counters.add("failed_folders")
                     self.error(f"folder {p.source!r}: {exc}")
                     continue
                 created.add(p.destination)
@@ -219,10 +220,15 @@ class ImapCopy(JobRunner):
 
     def _folder_with_retry(self, pool: SessionPool, fr: FolderRun, progress: Progress
                            ) -> None:
+        if self.stopping():  # interrupted, over quota, --max-errors: no new folder
+            return
         try:
             retrying(self.options)(self._with_pair, pool, self._sync_folder, fr, progress)
+        except _Stopped:  # not a failure; but never delete from a folder left half done
+            fr.error = "stopped"
         except MigrateError as exc:  # this folder failed; the others go on
             fr.error = str(exc)
+            self.counters.add("failed_folders")
             self.error(f"folder {fr.plan.source!r}: {exc}")
 
     # --- one folder --------------------------------------------------------------

@@ -67,6 +67,9 @@ class Pop3Archive(JobRunner):
             # twice the IMAP batch: the bodies stream to disk, only a commit is per batch
             for batch in self.batches(pending, self.options.batch_bytes * 2):
                 self._archive_batch(session, by_key, batch, progress)
+            if self.stopping():  # interrupted or halted: no deletion; QUIT deletes nothing
+                session.quit()
+                return
             self._delete(session, by_key)
         except BaseException:
             session.close()  # never QUIT on an error path: no half-done deletion commits

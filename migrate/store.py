@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import os
 import threading
 import socket
@@ -23,8 +24,8 @@ from sqlalchemy import (
     Table, Text, TypeDecorator, UniqueConstraint, bindparam, create_engine, event,
     insert, or_, select, update,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import NoSuchModuleError
 
 from .config import redact_url
@@ -284,9 +285,13 @@ class Store:
     @contextlib.contextmanager
     def job_lock(self, job_name: str):
         """Hold this job for one run, so that overlapping cron runs cannot both copy the
-        same messages.  SQLite: an flock beside the database (the kernel drops it when
-        the process dies, even by kill -9).  Other databases: not yet (a lease in the
-        database is planned for several hosts)."""
+        same messages.  SQLite: an flock beside the database; PostgreSQL: a session-level
+        advisory lock on a connection of its own, held for the run.  Either dies with
+        the process (even kill -9), so a crashed run never blocks the next one."""
+        if self.engine.dialect.name == "postgresql":
+            with self._pg_job_lock(job_name):
+                yield
+            return
         database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
         if not database or database == ":memory:":
             yield
@@ -301,15 +306,42 @@ class Store:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                raise JobLocked(
-                    f"job {job_name!r} is already running ({holder or 'another process'}); "
-                    "this run did nothing. If it is a cron job, let runs finish before the "
-                    "next starts (e.g. flock -n in the crontab)") from None
+                raise _locked(job_name, holder) from None
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            os.pwrite(fd, _holder_text().encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the flock
+
+    @contextlib.contextmanager
+    def _pg_job_lock(self, job_name: str):
+        key = _advisory_key(job_name)
+        # Autocommit: the lock belongs to the session, and the connection must not sit
+        # "idle in transaction" for the whole run.
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            # who holds it, for the message the loser prints
+            conn.exec_driver_sql("SELECT set_config('application_name', %s, false)",
+                                 (f"mailmigrate {_holder_text()}"[:63],))
+            got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar()
+            if not got:
+                holder = conn.exec_driver_sql(
+                    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+                    "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND l.database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database()) "
+                    "AND l.classid::bigint = %s AND l.objid::bigint = %s LIMIT 1",
+                    (key >> 32, key & 0xFFFFFFFF)).scalar()
+                raise _locked(job_name, (holder or "").removeprefix("mailmigrate ").strip())
+            try:
+                yield
+            finally:
+                try:
+                    conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
+                except Exception:  # noqa: BLE001 - closing the session releases it too
+                    pass
+        finally:
+            conn.close()
 
     @property
     def safe_url(self) -> str:
@@ -474,6 +506,15 @@ class Store:
         with self._write() as conn:
             conn.execute(update(runs).where(runs.c.id == run_id).values(
                 ended_at=self.clock(), outcome=outcome, error=error, **values))
+
+    def abort_stale_runs(self, job_id: int) -> int:
+        """Runs of this job still marked ``running``: called by the holder of the job's
+        lock, so their processes are gone (kill -9, power loss) - they were aborted."""
+        with self._write() as conn:
+            return conn.execute(update(runs).where(
+                runs.c.job_id == job_id, runs.c.outcome == "running").values(
+                outcome="aborted", ended_at=self.clock(),
+                error="the process ended before the run finished (killed?)")).rowcount
 
     def runs(self, job_id: int) -> list[dict]:
         with self.engine.connect() as conn:
@@ -646,6 +687,47 @@ class Store:
         with self._write() as conn:
             conn.execute(stmt, [{"m_id": c["id"], "v_flags": flags_to_text(c["flags"])}
                                 for c in changes])
+
+
+# Errors of the state database itself (file not writable, server down, disk full), for
+# the engine to report as a job error instead of a traceback.
+DATABASE_ERRORS = (SQLAlchemyError,)
+
+
+def database_error_text(exc: BaseException, safe_url: str) -> str:
+    detail = getattr(exc, "orig", None) or exc
+    text = " ".join(str(detail).split())[:300]
+    return (f"state database error ({safe_url}): {text}; check that the database file and "
+            "its directory are writable, or that the database server is running")
+
+
+def sqlite_file(url: str) -> str | None:
+    """The file of a SQLite state URL, None for other databases or in-memory ones."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed.database
+
+
+def _holder_text() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _locked(job_name: str, holder: str) -> JobLocked:
+    return JobLocked(
+        f"job {job_name!r} is already running ({holder or 'another process'}); "
+        "this run did nothing. If it is a cron job, let runs finish before the "
+        "next starts (e.g. flock -n in the crontab)")
+
+
+def _advisory_key(job_name: str) -> int:
+    """A stable non-negative 63-bit key for the job's advisory lock (not hashtext(),
+    whose values may change between PostgreSQL major versions)."""
+    digest = hashlib.sha256(f"mailmigrate job lock:{job_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _upgrade(conn, version: int) -> None:
