@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import re
+import signal
 
 from migrate.store import Store
 from tests.rig import mailgen
@@ -51,3 +53,46 @@ def test_secrets_never_reach_output_or_state(old_account, new_account, tmp_path)
         for text in (ok.stdout, ok.stderr, bad.stdout, bad.stderr):
             assert secret not in text
         assert secret.encode() not in state
+
+
+def test_postgresql_job_lock_one_run_per_job(pg_url, old_account, new_account, tmp_path):
+    """Two overlapping runs of one job with PostgreSQL state: the second exits 3 and does
+    nothing; no message is copied twice."""
+    from tests.rig.interrupt import fill_many, hashes_at, hashes_of, start_cli, wait_for_copies
+
+    bodies = fill_many(old_account, 2000, seed=40)
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)],
+                        state_url=pg_url)
+    first = start_cli("run", "-c", str(path), "--no-progress", "--batch-messages", "5")
+    try:
+        wait_for_copies(first, new_account)
+        second = run_cli("run", "-c", str(path), "--no-progress")
+        assert second.returncode == 3, (second.stdout, second.stderr)
+        assert re.search(r"job 'alice' is already running \(pid \d+ on ", second.stderr)
+        assert "alice: already running elsewhere; nothing was done" in second.stdout
+    finally:
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert hashes_at(new_account) == hashes_of(bodies)
+    store = Store(pg_url)
+    assert [r["outcome"] for r in store.runs(store.find_job("alice"))] == ["ok"]
+    store.close()
+
+
+def test_postgresql_job_lock_dies_with_a_killed_holder(pg_url, old_account, new_account,
+                                                       tmp_path):
+    from tests.rig.interrupt import fill_many, hashes_at, hashes_of, start_cli, wait_for_copies
+
+    bodies = fill_many(old_account, 2000, seed=41)
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)],
+                        state_url=pg_url)
+    holder = start_cli("run", "-c", str(path), "--no-progress", "--batch-messages", "5")
+    wait_for_copies(holder, new_account)
+    holder.send_signal(signal.SIGKILL)
+    holder.communicate(timeout=10)
+    again = run_cli("run", "-c", str(path), "--no-progress")
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    assert hashes_at(new_account) == hashes_of(bodies)
+    store = Store(pg_url)
+    assert [r["outcome"] for r in store.runs(store.find_job("alice"))] == ["aborted", "ok"]
+    store.close()
