@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
 from .config import IMAP_COPY, Config, Job
@@ -32,6 +31,9 @@ class RunOptions:
     progress: bool | None = None  # None: only when stderr is a TTY
     retries: int = 4  # connection attempts per unit of work
     retry_wait: float = 1.0  # first back-off in seconds, doubling, capped at 30 s
+    # a retry loop gives up this many seconds after its first failure (with the back-off
+    # above, 4 attempts take ~7 s: the bound is for slow failures, e.g. timeouts)
+    retry_deadline: float = 120.0
     batch_bytes: int = 4 * 1024 * 1024  # size bound of one FETCH/APPEND batch
     batch_messages: int = 200
     # Server capabilities to ignore (both sides), e.g. {"UIDPLUS"}: tests use it to exercise
@@ -228,17 +230,51 @@ class JobRunner:
         return len(theirs)
 
 
-def retrying(options: RunOptions) -> Retrying:
-    """Bounded reconnect-and-retry for transient (connection) errors only."""
-    return Retrying(
-        stop=stop_after_attempt(max(1, options.retries)),
-        wait=wait_exponential(multiplier=options.retry_wait, max=30),
-        retry=retry_if_exception(lambda e: getattr(e, "transient", False)),
-        before_sleep=lambda rs: log.warning(
-            "connection problem (%s); retrying (attempt %d of %d)",
-            rs.outcome.exception(), rs.attempt_number + 1, options.retries),
-        reraise=True,
-    )
+class RetryLoop:
+    """Runs a unit of work again after transient (connection) errors, with exponential
+    back-off, at most ``options.retries`` attempts and ``options.retry_deadline`` seconds
+    after the first failure.  Permanent errors pass through at once.
+
+    A server that is unreachable (refused, no answer) is only retried once a connection
+    of this loop had reached it (``reached``, or an earlier attempt that failed later
+    than connecting): on first contact it means a wrong host or port.  An error the loop
+    gives up on leaves marked as not transient, so an enclosing loop does not retry the
+    same thing again (retries never multiply)."""
+
+    def __init__(self, options: RunOptions, reached: bool):
+        self.options = options
+        self.reached = reached
+
+    def __call__(self, work, *args, **kwargs):
+        opts = self.options
+        attempts = max(1, opts.retries)
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return work(*args, **kwargs)
+            except MigrateError as exc:
+                if not exc.transient:
+                    raise
+                unreachable = getattr(exc, "unreachable", False)
+                if not unreachable:
+                    self.reached = True
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                wait = min(opts.retry_wait * 2 ** (attempt - 1), 30.0)
+                left = opts.retry_deadline - (now - first_failure)
+                if (unreachable and not self.reached) or attempt >= attempts or wait >= left:
+                    exc.transient = False  # final: see the class comment
+                    raise
+                log.warning("connection problem (%s); retrying in %.1f s (attempt %d of %d)",
+                            exc, wait, attempt + 1, attempts)
+                time.sleep(wait)
+
+
+def retrying(options: RunOptions, *, reached: bool = False) -> RetryLoop:
+    """``retrying(options)(work, *args)``: see RetryLoop."""
+    return RetryLoop(options, reached)
 
 
 def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
