@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_after_delay,
+                      wait_exponential)
 from tqdm import tqdm
 
 from .config import IMAP_COPY, Config, Job
@@ -42,6 +43,9 @@ class RunOptions:
     progress: bool | None = None  # None: only when stderr is a TTY
     retries: int = 4  # connection attempts per unit of work
     retry_wait: float = 1.0  # first back-off in seconds, doubling, capped at 30 s
+    # a retry loop gives up this many seconds after its first failure (with the back-off
+    # above, 4 attempts take ~7 s: the bound is for slow failures, e.g. timeouts)
+    retry_deadline: float = 120.0
     batch_bytes: int = 4 * 1024 * 1024  # size bound of one FETCH/APPEND batch
     batch_messages: int = 200
     # Server capabilities to ignore (both sides), e.g. {"UIDPLUS"}: tests use it to exercise
@@ -345,19 +349,51 @@ class JobRunner:
         return len(theirs)
 
 
-def retrying(options: RunOptions) -> Retrying:
-    """Bounded reconnect-and-retry for transient (connection) errors only."""
-    return Retrying(
-        stop=stop_after_attempt(max(1, options.retries)),
-        wait=wait_exponential(multiplier=options.retry_wait, max=30),
-        # no reconnecting once the run is asked to stop
-        retry=retry_if_exception(lambda e: getattr(e, "transient", False)
-                                 and not options.stop.is_set()),
-        before_sleep=lambda rs: log.warning(
-            "connection problem (%s); retrying (attempt %d of %d)",
-            rs.outcome.exception(), rs.attempt_number + 1, options.retries),
-        reraise=True,
-    )
+class RetryLoop:
+    """Runs a unit of work again after transient (connection) errors, with exponential
+    back-off (tenacity), at most ``options.retries`` attempts and ``options.retry_deadline``
+    seconds.  Permanent errors pass through at once, and nothing is retried once the run
+    is asked to stop.
+
+    A server that is unreachable (refused, no answer) is only retried once a connection
+    of this loop had reached it (``reached``, or an earlier attempt that failed later
+    than connecting): on first contact it means a wrong host or port.  An error the loop
+    gives up on leaves marked as not transient, so an enclosing loop does not retry the
+    same thing again (retries never multiply)."""
+
+    def __init__(self, options: RunOptions, reached: bool):
+        self.options = options
+        self.reached = reached
+
+    def _worth_retrying(self, exc: BaseException) -> bool:
+        if not (isinstance(exc, MigrateError) and exc.transient):
+            return False
+        unreachable = getattr(exc, "unreachable", False)
+        if not unreachable:
+            self.reached = True
+        return self.reached and not self.options.stop.is_set()
+
+    def __call__(self, work, *args, **kwargs):
+        opts = self.options
+        attempts = max(1, opts.retries)
+        loop = Retrying(
+            stop=stop_after_attempt(attempts) | stop_after_delay(opts.retry_deadline),
+            wait=wait_exponential(multiplier=opts.retry_wait, max=30),
+            retry=retry_if_exception(self._worth_retrying),
+            before_sleep=lambda rs: log.warning(
+                "connection problem (%s); retrying (attempt %d of %d)",
+                rs.outcome.exception(), rs.attempt_number + 1, attempts),
+            reraise=True)
+        try:
+            return loop(work, *args, **kwargs)
+        except MigrateError as exc:
+            exc.transient = False  # final: see the class comment
+            raise
+
+
+def retrying(options: RunOptions, *, reached: bool = False) -> RetryLoop:
+    """``retrying(options)(work, *args)``: see RetryLoop."""
+    return RetryLoop(options, reached)
 
 
 def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,

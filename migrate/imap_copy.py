@@ -10,6 +10,7 @@ messages only.  Folders run in parallel, one connection pair per worker.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import queue
@@ -84,7 +85,13 @@ def _n(count: int, noun: str) -> str:
 
 
 class SessionPool:
-    """Connection pairs (source, destination) handed to worker threads."""
+    """Connection pairs (source, destination) handed to worker threads.
+
+    The one place where connecting is retried: the work-level retry loops around it
+    (plan, folder, deletion) retry dropped connections, and get their fresh pair from
+    here; an error this pool gave up on is final for them (see engine.RetryLoop).  Once
+    it gave up, later requests for a new pair fail at once with the same error instead
+    of each spending another retry deadline on a server that is gone."""
 
     def __init__(self, job: Job, options: RunOptions):
         self.job = job
@@ -92,8 +99,15 @@ class SessionPool:
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._all: list[ImapSession] = []
         self._lock = threading.Lock()
+        # a pair has connected: a server that refuses now is restarting, and is retried
+        self._reached = False
+        self._gave_up: MigrateError | None = None
 
     def _connect(self) -> tuple[ImapSession, ImapSession]:
+        with self._lock:
+            if self._gave_up is not None:
+                raise copy.copy(self._gave_up)
+
         def attempt():
             src = ImapSession.connect(self.job.source)
             try:
@@ -104,8 +118,14 @@ class SessionPool:
             for session in (src, dst):
                 session.capabilities -= self.options.ignore_capabilities
             return src, dst
-        pair = retrying(self.options)(attempt)
+        try:
+            pair = retrying(self.options, reached=self._reached)(attempt)
+        except MigrateError as exc:
+            with self._lock:
+                self._gave_up = self._gave_up or exc
+            raise
         with self._lock:
+            self._reached = True
             self._all.extend(pair)
         return pair
 

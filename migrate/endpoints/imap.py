@@ -12,12 +12,11 @@ import datetime as dt
 import functools
 import hashlib
 import re
-import socket
 import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 from imapclient.datetime_util import datetime_to_INTERNALDATE
 from imapclient.imapclient import seq_to_parenstr
@@ -26,6 +25,7 @@ from imapclient.util import to_bytes
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, FolderError, MailboxError, MessageError
+from .contact import TemporarilyRefused, first_contact_failure, greeting_wait
 from .tls import describe_tls_failure, server_aliases, ssl_context
 
 SPECIAL_USE = ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive")
@@ -245,12 +245,24 @@ class ImapSession:
 
     @classmethod
     def connect(cls, endpoint: Endpoint) -> ImapSession:
+        """Connect, check what answered, log in.  Errors say what to change: a port of
+        the other protocol, TLS spoken to a plaintext port and the reverse are named
+        (see contact.py); a login refused "for now" is TemporarilyRefused (retried), any
+        other refused login is final."""
         where = f"{endpoint.host}:{endpoint.port}"
         ctx = ssl_context(endpoint)
         try:
+            # A short wait for the greeting (imapclient's "connect" timeout covers it): a
+            # plaintext client on an implicit-TLS port would otherwise wait the full read
+            # timeout for a greeting that never comes.
             client = IMAPClient(endpoint.host, port=endpoint.port,
                                 ssl=endpoint.security == "ssl", ssl_context=ctx,
-                                timeout=endpoint.timeout)
+                                timeout=SocketTimeout(connect=greeting_wait(endpoint),
+                                                      read=endpoint.timeout))
+        except (OSError, EOFError, IMAPClientError) as exc:
+            greeting_error = isinstance(exc, IMAPClientError)
+            raise first_contact_failure(endpoint, exc, greeting_error) from None
+        try:
             client.normalise_times = False  # keep INTERNALDATE timezone-aware
             # imapclient sets imaplib's debug level to 5 to feed its logger; imaplib then
             # formats a repr of every response - message bodies included - whether or not
@@ -264,16 +276,14 @@ class ImapSession:
                         "on port 993")
                 client.starttls(ctx)
         except ssl.SSLError as exc:
+            _close_quietly(client)
             raise describe_tls_failure(endpoint, exc) from None
-        except (ConnectionRefusedError, socket.timeout, TimeoutError) as exc:
-            raise ConnectionLost(
-                f"cannot connect to IMAP server {where}: {exc.__class__.__name__}; check host, "
-                "port and firewall") from None
-        except socket.gaierror as exc:
-            raise MailboxError(f"cannot resolve IMAP host {endpoint.host!r}: {exc.strerror}") \
-                from None
-        except (OSError, IMAPClientAbortError) as exc:
+        except (OSError, EOFError, IMAPClientError) as exc:
+            _close_quietly(client)
             raise ConnectionLost(f"connection to IMAP server {where} failed: {exc}") from None
+        except BaseException:
+            _close_quietly(client)
+            raise
         try:
             client.login(endpoint.username, endpoint.password.reveal())
         except LoginError as exc:
@@ -283,6 +293,10 @@ class ImapSession:
             if "socket error" in str(exc) or isinstance(exc.__context__, IMAPClientAbortError):
                 raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \
                     from None
+            if _login_refused_for_now(exc):
+                raise TemporarilyRefused(
+                    f"IMAP server {where} refused the login as {endpoint.username} for now: "
+                    f"{_server_text(exc)}") from None
             raise MailboxError(
                 f"IMAP login as {endpoint.username} at {where} failed: {_server_text(exc)}; "
                 "check the username (usually the full email address) and the password") \
@@ -724,3 +738,9 @@ def _close_quietly(client: IMAPClient) -> None:
         client.shutdown()
     except Exception:  # noqa: BLE001
         pass
+
+
+def _login_refused_for_now(exc: BaseException) -> bool:
+    """A LOGIN refusal that will pass (RFC 5530 [UNAVAILABLE]: backend down, account being
+    moved; [INUSE]: locked by another session), unlike a wrong password."""
+    return re.search(r"\[(UNAVAILABLE|INUSE)\]", str(exc), re.IGNORECASE) is not None

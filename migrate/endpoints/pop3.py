@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import poplib
-import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, MailboxError, MessageError
+from .contact import TemporarilyRefused, first_contact_failure, greeting_wait
 from .tls import describe_tls_failure, server_aliases, ssl_context
 
 # A hostile or broken server must not make us buffer an endless "line".
@@ -50,45 +50,61 @@ class Pop3Session:
 
     @classmethod
     def connect(cls, endpoint: Endpoint) -> Pop3Session:
+        """Connect, check what answered, log in; errors as in ImapSession.connect."""
         where = f"{endpoint.host}:{endpoint.port}"
         ctx = ssl_context(endpoint)
+        # A short wait for the greeting (see contact.py), the full timeout afterwards.
+        wait = greeting_wait(endpoint)
         try:
             if endpoint.security == "ssl":
                 client = poplib.POP3_SSL(endpoint.host, endpoint.port, context=ctx,
-                                         timeout=endpoint.timeout)
+                                         timeout=wait)
             else:
-                client = poplib.POP3(endpoint.host, endpoint.port, timeout=endpoint.timeout)
-                if endpoint.security == "starttls":
-                    try:
-                        client.stls(ctx)
-                    except poplib.error_proto as exc:
-                        client.close()
-                        raise MailboxError(
-                            f"POP3 server {where} refused STLS ({_text(exc)}); use "
-                            "security = \"ssl\" on port 995") from None
+                client = poplib.POP3(endpoint.host, endpoint.port, timeout=wait)
+        except (OSError, EOFError, poplib.error_proto) as exc:
+            greeting_error = isinstance(exc, poplib.error_proto)
+            raise first_contact_failure(endpoint, exc, greeting_error) from None
+        try:
+            client.sock.settimeout(endpoint.timeout)
+            if endpoint.security == "starttls":
+                try:
+                    client.stls(ctx)
+                except poplib.error_proto as exc:
+                    if _dropped(exc):
+                        raise ConnectionLost(f"connection to {where} dropped before TLS") \
+                            from None
+                    raise MailboxError(
+                        f"POP3 server {where} refused STLS ({_text(exc)}); use "
+                        "security = \"ssl\" on port 995") from None
         except ssl.SSLError as exc:
+            _close_quietly(client)
             raise describe_tls_failure(endpoint, exc) from None
-        except socket.gaierror as exc:
-            raise MailboxError(f"cannot resolve POP3 host {endpoint.host!r}: {exc.strerror}") \
-                from None
-        except (OSError, poplib.error_proto) as exc:
-            raise ConnectionLost(f"cannot connect to POP3 server {where}: {exc}") from None
+        except (OSError, EOFError) as exc:
+            _close_quietly(client)
+            raise ConnectionLost(f"connection to POP3 server {where} failed: {exc}") from None
+        except BaseException:
+            _close_quietly(client)
+            raise
         try:
             client.user(endpoint.username)
             client.pass_(endpoint.password.reveal())
         except poplib.error_proto as exc:
-            client.close()
+            _close_quietly(client)
             if _dropped(exc):
                 raise ConnectionLost(f"connection to {where} dropped during login") from None
+            if _login_refused_for_now(exc):
+                raise TemporarilyRefused(
+                    f"POP3 server {where} refused the login as {endpoint.username} for now: "
+                    f"{_text(exc)}") from None
             raise MailboxError(
                 f"POP3 login as {endpoint.username} at {where} failed: {_text(exc)}; check "
                 "the username (usually the full email address) and the password") from None
         except OSError as exc:
-            client.close()
+            _close_quietly(client)
             raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \
                 from None
         except BaseException:
-            client.close()
+            _close_quietly(client)
             raise
         return cls(endpoint, client)
 
@@ -282,3 +298,17 @@ def _text(value) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def _login_refused_for_now(exc: poplib.error_proto) -> bool:
+    """-ERR [IN-USE] (mailbox locked by another session) and [SYS/TEMP] will pass
+    (RFC 2449, 3206); [AUTH], [SYS/PERM] and plain -ERR will not."""
+    return _text(exc).upper().startswith(("-ERR [IN-USE]", "-ERR [SYS/TEMP]"))
+
+
+def _close_quietly(client: poplib.POP3) -> None:
+    """close() on a connection a failed STLS left half-wrapped raises EBADF."""
+    try:
+        client.close()
+    except OSError:
+        pass

@@ -9,6 +9,7 @@ import ssl
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, MailboxError
+from .contact import certificate_names
 
 
 def ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
@@ -32,10 +33,17 @@ def describe_tls_failure(endpoint: Endpoint, exc: BaseException) -> MailboxError
         return ConnectionLost(f"connection to {where} closed during the TLS handshake")
     if isinstance(exc, ssl.SSLCertVerificationError):
         if "match" in text or "mismatch" in text:
+            names = certificate_names(endpoint)
+            if names:
+                advice = ("it covers " + ", ".join(repr(n) for n in names[:8])
+                          + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+                          + "; set host to one of them (a name that resolves to this server)")
+            else:
+                advice = ("connect using the exact host name the certificate was issued for "
+                          "(often mail.<domain>)")
             return MailboxError(
-                f"TLS certificate of {where} does not cover the host name {endpoint.host!r}: "
-                f"{exc.verify_message}; connect using the exact host name the certificate "
-                "was issued for (often mail.<domain>)")
+                f"TLS certificate of {where} does not cover the host name {endpoint.host!r} "
+                f"({exc.verify_message}); {advice}")
         return MailboxError(
             f"TLS certificate of {where} is not trusted ({exc.verify_message}); if the "
             "server uses a private CA, set ca_file to that CA's PEM file")
