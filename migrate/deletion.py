@@ -41,6 +41,9 @@ class LookedAgain:
 
     gone: dict[int, str] = field(default_factory=dict)  # row id → why: copy again
     held: dict[int, str] = field(default_factory=dict)  # row id → why: keep, do not copy
+    # no longer at the source: someone else deleted it (or our own interrupted deletion
+    # did, for a row already 'deleting') - not counted as deleted by this run
+    not_at_source: set[int] = field(default_factory=set)
 
 
 class SourceUnit(Protocol):
@@ -107,7 +110,11 @@ def delete_unit(runner: JobRunner, unit: SourceUnit, rows: Sequence[MessageRow])
             r.state = State.VERIFIED
         runner.error(f"{unit.label}: {len(held)} messages were NOT deleted: "
                      f"{next(iter(seen.held.values()))}")
-    todo = [r for r in rows if r.id not in seen.gone and r.id not in seen.held]
+    away = [r for r in rows if r.id in seen.not_at_source]
+    if away:
+        runner.settle_missing(away)
+    todo = [r for r in rows if r.id not in seen.gone and r.id not in seen.held
+            and r.id not in seen.not_at_source]
     done = 0
     step = unit.batch or max(1, len(todo))
     for start in range(0, len(todo), step):

@@ -337,7 +337,8 @@ class JobRunner:
         someone else deleted it.  Returns how many vanished."""
         ours = [r for r in missing if r.state == State.DELETING]
         theirs = [r for r in missing if r.state in (State.SEEN, State.APPENDING, State.COPIED,
-                                                    State.VERIFIED, State.FAILED)]
+                                                    State.VERIFIED, State.FAILED,
+                                                    State.QUARANTINED)]
         if not self.dry:
             self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
                               (State.VANISHED, [{"id": r.id} for r in theirs], False)])

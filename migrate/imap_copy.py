@@ -834,6 +834,8 @@ class ImapCopy(JobRunner):
                                    "deleted, it will be copied again")
         mine = [r for r in mine if r.id not in seen.gone]
         now = src.source_flags([r.source_uid for r in mine])
+        seen.not_at_source = {r.id for r in mine if r.source_uid not in now}
+        mine = [r for r in mine if r.id not in seen.not_at_source]
         refused = dst.refused_keywords
         want = {r.id: dsel.storable(now.get(r.source_uid, r.flags), refused) for r in mine}
         stale = [r for r in mine if copies[r.destination_uid].flags != want[r.id]]

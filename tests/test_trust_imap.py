@@ -260,3 +260,24 @@ def test_changed_destination_uidvalidity_refinds_copies_without_errors(old_accou
     assert result.counts.get("copied", 0) == 0 and result.counts["skipped"] == len(msgs)
     assert result.counts["deleted"] == len(msgs)
     assert hashes(new_account, "INBOX") == collections.Counter(m.sha256 for m in msgs)
+
+
+def test_messages_another_client_expunged_are_not_counted_as_deleted(
+        old_account, new_account, tmp_path, monkeypatch):
+    from migrate import imap_copy
+
+    msgs = [m for m in small_mailbox(count=36, seed=82) if m.folder == "INBOX"]
+    mailgen.fill(old_account, msgs)
+    original = imap_copy.ImapCopy._delete_phase
+
+    def expunge_meanwhile(self, pool, runs):
+        mailgen.expunge_first(old_account, "INBOX", 2)  # after the sync, before deletion
+        return original(self, pool, runs)
+
+    monkeypatch.setattr(imap_copy.ImapCopy, "_delete_phase", expunge_meanwhile)
+    result = run(write_config(tmp_path / "c.toml", [imap_job(
+        "alice", old_account, new_account, delete_after_verify=True)]))
+    assert result.ok, result.errors
+    assert result.counts.get("deleted") == len(msgs) - 2, (result.counts, result.warnings)
+    assert result.counts["vanished"] == 2
+    assert hashes(new_account, "INBOX") == collections.Counter(m.sha256 for m in msgs)
