@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "be deleted from a source in one run")
     run.add_argument("--max-errors", type=int, metavar="N",
                      help="stop a job after N errors (default: no limit)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="try quarantined messages again (they are not retried by "
+                          "themselves)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--batch-messages", type=int, default=200, help=argparse.SUPPRESS)
     run.add_argument("--batch-mb", type=float, default=4.0, help=argparse.SUPPRESS)
@@ -93,7 +96,7 @@ def _run(args) -> int:
     for name in args.job or ():
         cfg.job(name)  # unknown names fail before anything runs
     options = RunOptions(dry_run=args.dry_run, max_delete=args.max_delete,
-                         max_errors=args.max_errors,
+                         max_errors=args.max_errors, retry_failed=args.retry_failed,
                          progress=False if args.no_progress else None,
                          batch_messages=max(1, args.batch_messages),
                          batch_bytes=max(1, int(args.batch_mb * 1024 * 1024)))

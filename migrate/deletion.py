@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from . import faults
+from .engine import plural
 from .errors import SafetyError
 from .states import State
 from .store import MessageRow
@@ -98,7 +99,8 @@ def delete_unit(runner: JobRunner, unit: SourceUnit, rows: Sequence[MessageRow])
     gone = [r for r in rows if r.id in seen.gone]
     if gone:
         runner.keep_back(gone, seen.gone,
-                         f"{unit.label}: {len(gone)} verified copies are gone from "
+                         f"{unit.label}: {plural(len(gone), 'verified copy', 'verified copies')}"
+                         " gone from "
                          f"{unit.destination}; their originals were NOT deleted and will be "
                          "copied again by the next run")
     held = [r for r in rows if r.id in seen.held]
@@ -108,7 +110,7 @@ def delete_unit(runner: JobRunner, unit: SourceUnit, rows: Sequence[MessageRow])
             if r.state == State.DELETING])
         for r in held:
             r.state = State.VERIFIED
-        runner.error(f"{unit.label}: {len(held)} messages were NOT deleted: "
+        runner.error(f"{unit.label}: {plural(len(held), 'message')} NOT deleted: "
                      f"{next(iter(seen.held.values()))}")
     away = [r for r in rows if r.id in seen.not_at_source]
     if away:

@@ -164,6 +164,8 @@ def count_parts(kind: str | None, c: dict[str, int]) -> list[str]:
     if kind in (IMAP_COPY, None):
         parts.append(plural(c.get("flags_updated", 0), "flag updated", "flags updated"))
     parts += [f"{c.get('deleted', 0)} deleted", f"{c.get('failed', 0)} failed"]
+    if c.get("quarantined"):
+        parts.append(f"{c['quarantined']} quarantined")
     if c.get("failed_folders"):
         parts.append(plural(c["failed_folders"], "failed folder"))
     if c.get("vanished"):

@@ -24,7 +24,7 @@ from . import deletion, faults
 from .config import Job
 from .deletion import LookedAgain
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
-from .engine import JobRunner, Progress, RunOptions, retrying
+from .engine import JobRunner, Progress, RunOptions, plural, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State
@@ -78,10 +78,6 @@ def _dup_key(message_id: str | None, size: int) -> tuple[str | None, int | None]
     return (message_id, None) if message_id else (None, size)
 
 
-def _n(count: int, noun: str) -> str:
-    if count == 1:
-        return f"1 {noun}"
-    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
 
 
 class SessionPool:
@@ -177,7 +173,7 @@ class ImapCopy(JobRunner):
             if self._not_kept:
                 self.warn("the destination cannot keep these flags, so copies were made "
                           "without them: " + ", ".join(
-                              f"{f} ({_n(n, 'message')})"
+                              f"{f} ({plural(n, 'message')})"
                               for f, n in sorted(self._not_kept.items())))
         finally:
             progress.close()
@@ -307,7 +303,7 @@ class ImapCopy(JobRunner):
                          key=lambda r: r.source_uid)
         quarantined = [r for r in here if r.state == State.QUARANTINED]
         if quarantined and not self.dry:
-            self.warn(f"folder {plan.source!r}: {_n(len(quarantined), 'message')} "
+            self.warn(f"folder {plan.source!r}: {plural(len(quarantined), 'message')} "
                       "quarantined by earlier runs (not retried by themselves; "
                       "`mailmigrate run --retry-failed` tries again), e.g. UID "
                       f"{quarantined[0].source_uid}: {quarantined[0].last_error}")
@@ -333,7 +329,7 @@ class ImapCopy(JobRunner):
         vanished = self.settle_missing([r for r in rows.values() if r.source_uid not in by_uid])
         if vanished:
             self.warn(
-                f"folder {plan.source!r}: {_n(vanished, 'message')} vanished from the "
+                f"folder {plan.source!r}: {plural(vanished, 'message')} vanished from the "
                 "source since the last run without mailmigrate deleting them; another "
                 "client (often a POP3 client) is deleting mail from this mailbox")
 
@@ -347,7 +343,7 @@ class ImapCopy(JobRunner):
         if not stale:
             return
         self.warn(f"folder {fr.plan.source!r}: the destination folder {fr.plan.destination!r} "
-                  f"has a new UIDVALIDITY; looking for {_n(len(stale), 'copy')} there again "
+                  f"has a new UIDVALIDITY; looking for {plural(len(stale), 'copy', 'copies')} there again "
                   "by content")
         self.store.apply([
             (State.VERIFIED, [{"id": r.id} for r in stale if r.state == State.DELETING],
@@ -374,7 +370,7 @@ class ImapCopy(JobRunner):
         for r, why in rows:
             r.state = State.QUARANTINED
             self.error(f"folder {fr.plan.source!r}: message UID {r.source_uid} "
-                       f"({_n(r.size, 'byte')}, {r.message_id or 'no Message-ID'}) "
+                       f"({plural(r.size, 'byte')}, {r.message_id or 'no Message-ID'}) "
                        f"quarantined: {why}")
         self.counters.add("quarantined", len(rows))
 
@@ -570,7 +566,7 @@ class ImapCopy(JobRunner):
         self.counters.add("failed", len(failures))
         for r, text in failures:
             self.error(f"folder {fr.plan.source!r}: message UID {r.source_uid} "
-                       f"({_n(r.size, 'byte')}, {r.message_id or 'no Message-ID'}): {text}")
+                       f"({plural(r.size, 'byte')}, {r.message_id or 'no Message-ID'}): {text}")
 
     def _find_duplicates(self, ctx: _FolderCopy, batch, bodies, digests) -> dict[int, int]:
         """row id → destination UID of an identical message already there."""

@@ -399,7 +399,7 @@ def test_copy_gone_from_destination_is_not_a_reason_to_delete(filled, old_accoun
     path = config(delete_after_verify=True)
     second = run(path)
     assert not second.ok
-    assert any("folder 'INBOX.Archive.2019': 2 verified copies are gone from 'Archive/2019'; "
+    assert any("folder 'INBOX.Archive.2019': 2 verified copies gone from 'Archive/2019'; "
                "their originals were NOT "
                "deleted" in e for e in second.errors), second.errors
     assert second.counts["deleted"] == len(filled) - 2

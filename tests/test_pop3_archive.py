@@ -344,7 +344,7 @@ def test_archive_file_gone_before_deletion_keeps_the_message(filled, old_account
                                                       delete_after_verify=True)])
     second = run(path)
     assert not second.ok
-    assert any(f"POP3 mailbox: 1 verified copies are gone from the archive {arch}" in e
+    assert any(f"POP3 mailbox: 1 verified copy gone from the archive {arch}" in e
                for e in second.errors), second.errors
     assert second.counts["deleted"] == len(filled) - 1  # the moved file still counts
     assert len(mailgen.snapshot(old_account)["INBOX"]) == 1

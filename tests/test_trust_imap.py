@@ -54,7 +54,7 @@ def test_interrupted_deletion_looks_again_before_deleting(old_account, new_accou
     mailgen.expunge_first(new_account, "INBOX", 2)  # another client removes two copies
     second = run_cli("run", "-c", str(path), "--no-progress")
     assert second.returncode == 1
-    assert "2 verified copies are gone from 'INBOX'; their originals were NOT deleted" \
+    assert "2 verified copies gone from 'INBOX'; their originals were NOT deleted" \
         in second.stderr
     assert len(mailgen.snapshot(old_account)["INBOX"]) == 2  # kept, not deleted
     third = run_cli("run", "-c", str(path), "--no-progress")

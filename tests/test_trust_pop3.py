@@ -24,7 +24,7 @@ def test_interrupted_pop3_deletion_looks_at_the_archive_again(old_account, tmp_p
     files[0].unlink()  # removed by hand before the next run
     second = run_cli("run", "-c", str(path), "--no-progress")
     assert second.returncode == 1, second.stderr
-    assert "1 verified copies are gone from the archive" in second.stderr
+    assert "1 verified copy gone from the archive" in second.stderr
     assert len(mailgen.snapshot(old_account)["INBOX"]) == 1  # that one was kept
     third = run_cli("run", "-c", str(path), "--no-progress")
     assert third.returncode == 0, third.stderr
