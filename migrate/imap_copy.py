@@ -528,7 +528,6 @@ class ImapCopy(JobRunner):
             self._fail(ctx.fr, [(row, str(uid))])
             return
         if uid is None:
-            dst.noop()
             found = dst.find_by_content(uidnext_before or 1, {row.size: {digest}})
             uid = (found.get(digest) or [None])[0]
         if uid is None:
@@ -542,7 +541,6 @@ class ImapCopy(JobRunner):
             "destination_uid": uid}])
         row.state, row.sha256, row.destination_uid = State.COPIED, digest, uid
         row.destination_uidvalidity = dsel.uidvalidity
-        dst.noop()
         back = self._stream_digest(dst, uid, row.size)
         self._verify_copies(ctx, {row.id: uid}, [row], {row.id: digest},
                             bodies={uid: back}, dates_checked=True)
@@ -602,7 +600,6 @@ class ImapCopy(JobRunner):
         uidnext_before = dsel.uidnext
         outcome = dst.append(ctx.fr.plan.destination, items)
         faults.checkpoint("after-append")
-        dst.noop()  # Courier shows a session its own APPENDs only after a NOOP
         pairs = list(zip(rows, outcome, strict=True))
         appended = {r.id: u for r, u in pairs if not isinstance(u, Exception)}
 

@@ -474,6 +474,12 @@ class ImapSession:
 
     @_guard
     def append(self, folder: str, items: Sequence[AppendItem]) -> list[int | None | Exception]:
+        """See _append; afterwards the new copies are visible to this session."""
+        outcome = self._append(folder, items)
+        self.noop()
+        return outcome
+
+    def _append(self, folder: str, items: Sequence[AppendItem]) -> list[int | None | Exception]:
         """Append ``items``; per item the new UID (None if the server did not say), or the
         AppendRejected exception for a message the server refused.
 
@@ -559,7 +565,8 @@ class ImapSession:
 
     @_guard
     def noop(self) -> None:
-        """Some servers (Courier) show a session its own APPENDs only after a NOOP."""
+        """Some servers (Courier) show a session its own APPENDs only after a NOOP: every
+        append is followed by one, so reading a copy back never depends on the server."""
         self.client.noop()
 
     @_guard
@@ -676,6 +683,7 @@ class ImapSession:
             return AppendRejected(f"destination refused the message: {_server_text(exc)}")
         if typ != "OK":
             return AppendRejected(f"destination refused the message: {_server_text(data)}")
+        self.noop()
         return self._uids_from(data, 1)[0]
 
     @_guard
