@@ -1,29 +1,45 @@
 """pop3-archive: every message of a POP3 mailbox into a local Maildir, verified.
 
-A run: CAPA (UIDL required) → UIDL + LIST → reconcile with the state database →
-for each new message: ``appending`` intent → RETR streamed into tmp/ → fsync → rename
-into new/ → re-read and compare sha256 + size → ``verified`` → then, if configured,
-DELE the messages that are due and QUIT; ``deleted`` is recorded only after QUIT
-succeeded.  File names come from a hash of job + UIDL, so a message written again after
-a crash replaces its own copy instead of duplicating it.
+A run: CAPA (UIDL required, UTF8 switched on when offered) → UIDL + LIST → reconcile
+with the state database → for each new message: ``appending`` intent → RETR streamed
+into tmp/ → fsync → link into new/ → re-read and compare sha256 + size → ``verified`` →
+then, if configured, DELE the messages that are due and QUIT; ``deleted`` is recorded
+only after QUIT succeeded.  File names come from a hash of job + UIDL + content, so a
+message written again (after a crash, with a lost state database) is recognised instead
+of duplicated, and a reused UIDL never overwrites or hides anything.
+
+One bad message never blocks the rest: a refused RETR, a size mismatch or a failed
+write fail that message only; a message during which the server drops the connection
+is retried alone after the others, and fails once it dropped the connection again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from . import deletion, faults
 from .config import Job
-from .endpoints.maildir import ArchiveWriteError, MaildirArchive
+from .endpoints.maildir import ArchiveWriteError, MaildirArchive, Written
 from .endpoints.pop3 import Pop3Message, Pop3Session
 from .engine import Counters, JobResult, JobRunner, Progress, RunOptions, retrying
-from .errors import MessageError, SafetyError
+from .errors import ConnectionLost, MessageError, SafetyError
 from .deletion import LookedAgain
 from .states import State
 from .store import MessageRow, Store
 
 log = logging.getLogger("migrate.pop3_archive")
 FOLDER = "INBOX"  # POP3 has one mailbox; its rows live in one pseudo-folder
+# A message during which the connection dropped this often in one run (in its batch,
+# then alone after the others, then once more to tell it from a flaky network) fails
+# for this run; the others go on.
+DROPS_PER_MESSAGE = 3
+
+
+def generation_key(key: str, generation: int) -> str:
+    """The row key of a message under a UIDL the server used before for another one.
+    A UIDL never contains a space (RFC 1939: 0x21-0x7E), so no UIDL looks like this."""
+    return key if generation == 1 else f"{key} ({generation})"
 
 
 class Pop3Archive(JobRunner):
@@ -32,6 +48,8 @@ class Pop3Archive(JobRunner):
         super().__init__(job, store, job_id, options, counters, result)
         self.archive = MaildirArchive(job.archive.path)
         self.folder_id: int | None = None
+        self.drops: dict[str, int] = {}  # source key → connection drops during its RETR
+        self.given_up: set[str] = set()  # failed for this run: dropped it every time
 
     def run(self) -> None:
         if not self.dry:
@@ -42,8 +60,19 @@ class Pop3Archive(JobRunner):
             self.folder_id = row.id if row else None
         progress = Progress(self.job.name, self.options.progress)
         try:
-            # A dropped connection restarts from the listing: what is verified is skipped.
-            retrying(self.options)(self._pass, progress)
+            while True:
+                before = sum(self.drops.values())
+                try:
+                    # A dropped connection restarts from the listing: what is verified is
+                    # skipped.
+                    retrying(self.options)(self._pass, progress)
+                    return
+                except ConnectionLost:
+                    # Retries used up, but drops were pinned on messages that are now
+                    # retried alone or given up: that is progress, go on.  A server
+                    # that cannot be reached at all pins nothing and ends the job.
+                    if sum(self.drops.values()) == before:
+                        raise
         finally:
             progress.close()
 
@@ -53,20 +82,30 @@ class Pop3Archive(JobRunner):
             self.bind_source(session.server_aliases)
             if not self.dry:
                 self.archive.ensure()
+                self.archive.remove_leftovers(self.job.name)
             session.require_uidl()
             listing = session.list_messages()
-            rows = self._reconcile(listing)
+            listing, rows = self._reconcile(listing)
             by_key = {m.key: m for m in listing}
             pending = [rows[m.key] for m in listing
-                       if rows[m.key].state in (State.SEEN, State.APPENDING, State.FAILED)]
+                       if rows[m.key].state in (State.SEEN, State.APPENDING, State.FAILED)
+                       and m.key not in self.given_up]
             if self.dry:
                 self._dry_report(listing, rows, pending)
                 session.close()
                 return
             progress.grow(len(pending))
+            # Messages that dropped the connection go last, one at a time, so that the
+            # others are archived first and a drop is pinned on the right message.
+            normal = [r for r in pending if r.source_key not in self.drops]
+            suspects = [r for r in pending if r.source_key in self.drops]
             # twice the IMAP batch: the bodies stream to disk, only a commit is per batch
-            for batch in self.batches(pending, self.options.batch_bytes * 2):
+            for batch in self.batches(normal, self.options.batch_bytes * 2):
                 self._archive_batch(session, by_key, batch, progress)
+            for row in suspects:
+                if self.stopping():
+                    break
+                self._archive_batch(session, by_key, [row], progress)
             if self.stopping():  # interrupted or halted: no deletion; QUIT deletes nothing
                 session.quit()
                 return
@@ -77,7 +116,10 @@ class Pop3Archive(JobRunner):
 
     # --- listing vs. state ---------------------------------------------------------
 
-    def _reconcile(self, listing: list[Pop3Message]) -> dict[str, MessageRow]:
+    def _reconcile(self, listing: list[Pop3Message]
+                   ) -> tuple[list[Pop3Message], dict[str, MessageRow]]:
+        known = self.store.messages(self.folder_id) if self.folder_id else {}
+        listing = [dataclasses.replace(m, key=self._row_key(m, known)) for m in listing]
         if not self.dry:
             self.store.add_messages(self.folder_id, [
                 {"source_key": m.key, "size": m.size} for m in listing])
@@ -96,7 +138,22 @@ class Pop3Archive(JobRunner):
                 f"{vanished} messages vanished from the server since the last run without "
                 "mailmigrate deleting them; another client is deleting mail from this "
                 "mailbox (use one protocol and one client per mailbox)")
-        return rows
+        return listing, rows
+
+    @staticmethod
+    def _row_key(m: Pop3Message, known: dict[str, MessageRow]) -> str:
+        """The row of a listed message.  A UIDL may come back for a different message
+        (the server reused it after the original was deleted, or renumbered): the row of
+        its latest use is deleted, or the size differs from what LIST said then.  Such a
+        message gets a row of its own, so a deleted or verified row never hides it."""
+        generation = 1
+        while generation_key(m.key, generation + 1) in known:
+            generation += 1
+        latest = known.get(generation_key(m.key, generation))
+        if latest is not None and (latest.state == State.DELETED
+                                   or (m.listed and latest.size != m.size)):
+            generation += 1
+        return generation_key(m.key, generation)
 
     # --- archiving ---------------------------------------------------------------
 
@@ -104,23 +161,25 @@ class Pop3Archive(JobRunner):
                        rows: list[MessageRow], progress: Progress) -> None:
         """One transaction for the intents, one for the outcomes: per message only the
         RETR, the file and its fsync."""
-        names = {}
-        for row in rows:
-            epoch = int((row.first_seen_at or self.store.clock()).timestamp())
-            names[row.id] = self.archive.name_for(self.job.name, row.source_key, epoch)
         self.store.transition(State.APPENDING, [
-            {"id": r.id, "destination_path": f"new/{names[r.id]}"} for r in rows
-            if r.state != State.APPENDING])
+            {"id": r.id} for r in rows if r.state != State.APPENDING])
+        for r in rows:
+            r.state = State.APPENDING
         faults.checkpoint("after-intent")
-        stored, failed = [], []
+        stored: list[tuple[MessageRow, Written]] = []
+        failed: list[dict] = []
         by_number = {by_key[r.source_key].number: r for r in rows}
         writers: dict[int, object] = {}
 
         def sink_for(number: int):
-            writer = self.archive.writer(names[by_number[number].id])
+            row = by_number[number]
+            writer = self.archive.writer(self.job.name, row.source_key,
+                                         by_key[row.source_key].uidl or row.source_key,
+                                         known=row.destination_path)
             writers[number] = writer
             return writer.write
 
+        lost: ConnectionLost | None = None
         try:
             for number, outcome in session.retrieve_many(sorted(by_number), sink_for):
                 row = by_number[number]
@@ -134,9 +193,18 @@ class Pop3Archive(JobRunner):
                     self.error(f"message {row.source_key} ({msg.size} bytes): {exc}; it "
                                "stays on the server")
                 progress.advance(1)
+        except ConnectionLost as exc:
+            lost = exc  # what was stored so far is kept; the rest waits for a reconnect
         finally:
-            for writer in writers.values():  # the connection dropped mid-batch
+            for writer in writers.values():  # the connection dropped mid-message
                 writer.abort()
+        self._settle(stored, failed)
+        if lost is not None:
+            self._dropped_during(by_number.get(getattr(lost, "message_number", None)))
+            raise lost
+
+    def _settle(self, stored: list[tuple[MessageRow, Written]], failed: list[dict]) -> None:
+        """Make the batch's files durable, re-read them and record the outcomes."""
         self.archive.sync()
         faults.checkpoint("archive-written")
         verified = []
@@ -145,36 +213,75 @@ class Pop3Archive(JobRunner):
                 self.archive.verify(written.relpath, written.size, written.sha256)
                 verified.append((row, written))
             except MessageError as exc:
+                self.archive.discard(written)  # new/ holds verified mail only
                 failed.append({"id": row.id, "last_error": str(exc)})
-                self.result.errors.append(f"message {row.source_key}: {exc}; it stays on "
-                                          "the server")
+                self.error(f"message {row.source_key}: {exc}; it stays on the server")
         self.store.apply([
             (State.COPIED, [{"id": r.id, "sha256": w.sha256, "destination_path": w.relpath,
                              "last_error": None} for r, w in verified], False),
             (State.VERIFIED, [{"id": r.id} for r, _ in verified], False),
             (State.FAILED, failed, True),
         ])
-        self.counters.add("copied", len(verified))
-        self.counters.add("bytes", sum(w.size for _, w in verified))
+        for row, _ in verified:
+            row.state = State.VERIFIED
+        new = [w for _, w in verified if w.created]
+        self.counters.add("copied", len(new))
+        self.counters.add("skipped", len(verified) - len(new))  # already in the archive
+        self.counters.add("bytes", sum(w.size for w in new))
         self.counters.add("failed", len(failed))
+        for row, written in verified:
+            if written.size == 0:
+                self.warn(f"message {row.source_key} is empty on the server (0 bytes); "
+                          "archived as an empty file")
+
+    def _dropped_during(self, row: MessageRow | None) -> None:
+        """The connection dropped while ``row``'s RETR was answered.  Once may be the
+        network; a message that drops it again when retrieved alone fails (for this run)
+        so that the others are not held up by it."""
+        if row is None:
+            return
+        drops = self.drops[row.source_key] = self.drops.get(row.source_key, 0) + 1
+        if drops < DROPS_PER_MESSAGE:
+            log.warning("%s: connection dropped during message %s; it is retried alone "
+                        "after the others", self.job.name, row.source_key)
+            return
+        reason = (f"the server dropped the connection each time this message was "
+                  f"retrieved ({drops} attempts); it stays on the server and is tried "
+                  "again by the next run")
+        self.store.transition(State.FAILED, [{"id": row.id, "last_error": reason}],
+                              bump_attempts=True)
+        row.state = State.FAILED
+        self.given_up.add(row.source_key)
+        self.counters.add("failed")
+        self.error(f"message {row.source_key} ({row.size} bytes): {reason}")
 
     @staticmethod
-    def _store_file(writer, msg: Pop3Message, outcome):
-        """Finish one retrieved message: commit its file and check its size."""
+    def _store_file(writer, msg: Pop3Message, outcome) -> Written:
+        """Finish one retrieved message: check its size, then commit its file.  Nothing
+        that did not match reaches new/."""
         if isinstance(outcome, BaseException):
             if writer is not None:
                 writer.abort()
             if isinstance(outcome, MessageError):
                 raise outcome
             raise ArchiveWriteError(f"storing the message failed: {outcome}")
-        written = writer.commit(sync_dir=False)
-        if outcome != written.size:
-            raise ArchiveWriteError(f"received {outcome} bytes but stored {written.size}")
-        if msg.size and written.size != msg.size:
-            raise ArchiveWriteError(
-                f"server announced {msg.size} bytes (LIST) but sent {written.size}; the "
-                "download is incomplete or the server miscounts; not verified")
-        return written
+        if outcome != writer.size:
+            writer.abort()
+            raise ArchiveWriteError(f"received {outcome} bytes but stored {writer.size}")
+        drop_crlf = False
+        if msg.listed and writer.size != msg.size:
+            # A message without a final line break: POP3 needs CRLF before the closing
+            # dot, so the server adds one (Dovecot does), and exactly LIST + 2 bytes
+            # ending in CRLF arrive.  Those two bytes are the server's, not the
+            # message's: without them the file is the message as stored (as IMAP BODY[]
+            # returns it) and matches LIST.  Any other difference is a mismatch.
+            drop_crlf = writer.size == msg.size + 2 and writer.tail == b"\r\n"
+            if not drop_crlf:
+                writer.abort()
+                raise ArchiveWriteError(
+                    f"server announced {msg.size} bytes (LIST) but sent {writer.size}; the "
+                    "download is incomplete or the server miscounts; not verified")
+        return writer.commit(sync_dir=False, drop_final_crlf=drop_crlf)
 
     # --- deletion ----------------------------------------------------------------
 

@@ -1,14 +1,15 @@
-"""POP3 source on top of stdlib poplib: TLS, CAPA/UIDL, streamed RETR, DELE + QUIT.
+"""POP3 source on top of stdlib poplib: TLS, CAPA/UIDL/UTF8, streamed RETR, DELE + QUIT.
 
-RETR is streamed line by line into a sink (the archive writer), undoing dot-stuffing on
-the way, so a 50 MB message never sits in memory.  Deletion follows RFC 1939: DELE only
-marks; the server removes the messages when QUIT succeeds.  A dropped connection before
-QUIT deletes nothing.
+RETR is streamed block by block into a sink (the archive writer), undoing dot-stuffing
+on the way, so neither a 50 MB message nor a 50 MB line ever sits in memory.  Deletion
+follows RFC 1939: DELE only marks; the server removes the messages when QUIT succeeds.
+A dropped connection before QUIT deletes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import poplib
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -19,15 +20,20 @@ from ..errors import ConnectionLost, MailboxError, MessageError
 from .contact import TemporarilyRefused, first_contact_failure, greeting_wait
 from .tls import describe_tls_failure, server_aliases, ssl_context
 
-# A hostile or broken server must not make us buffer an endless "line".
-MAX_LINE = 8 * 1024 * 1024
+log = logging.getLogger("migrate.pop3")
+
+# Data without a line break is passed on once this much has gathered (a line of any
+# length streams; only a few bytes of look-behind are kept).
+LONG_LINE = 64 * 1024
 
 
 @dataclass(frozen=True)
 class Pop3Message:
     number: int  # message number, valid for this session only
-    key: str  # the UIDL, made unique within the listing
-    size: int
+    key: str  # the UIDL, made unique within the listing (and across reuse, by the job)
+    size: int  # octets as announced by LIST (0 when LIST did not mention it)
+    uidl: str = ""  # exactly as the server sent it
+    listed: bool = True  # LIST gave a size for it
 
 
 def listing_keys(uidls: list[tuple[int, str]]) -> dict[int, str]:
@@ -47,6 +53,7 @@ class Pop3Session:
         self.endpoint = endpoint
         self.client = client
         self.pipelining = False  # learnt from CAPA
+        self.utf8 = False  # RFC 6856 UTF8 mode is on
 
     @classmethod
     def connect(cls, endpoint: Endpoint) -> Pop3Session:
@@ -139,6 +146,8 @@ class Pop3Session:
         except OSError as exc:
             raise self._lost(exc) from None
         self.pipelining = "PIPELINING" in caps
+        if "UTF8" in caps:
+            self._enable_utf8()
         if "UIDL" in caps:
             return
         try:
@@ -154,6 +163,19 @@ class Pop3Session:
         except OSError as exc:
             raise self._lost(exc) from None
 
+    def _enable_utf8(self) -> None:
+        """RFC 6856 UTF8, sent after login (Courier accepts it there: "+OK UTF8
+        enabled").  Without it Courier replaces a message with 8-bit headers by a
+        generated "Cannot display Unicode content" notice, larger than LIST announced.
+        A refusal is no reason to stop: such messages then fail on their own."""
+        try:
+            with self._command(MessageError):
+                self.client._shortcmd("UTF8")
+            self.utf8 = True
+        except MessageError as exc:
+            log.warning("POP3 server %s offers UTF8 but refused it: %s",
+                        self.endpoint.host, exc)
+
     def list_messages(self) -> list[Pop3Message]:
         with self._command(lambda t: MailboxError(f"POP3 UIDL/LIST failed: {t}")):
             _resp, uidl_lines, _ = self.client.uidl()
@@ -167,7 +189,9 @@ class Pop3Session:
             num, _, size = line.decode("ascii", "replace").partition(" ")
             sizes[int(num)] = int(size.split()[0])
         keys = listing_keys(uidls)
-        return [Pop3Message(n, keys[n], sizes.get(n, 0)) for n in sorted(keys)]
+        raw = dict(uidls)
+        return [Pop3Message(n, keys[n], sizes.get(n, 0), raw[n], n in sizes)
+                for n in sorted(keys)]
 
     def retrieve(self, number: int, write: Callable[[bytes], object]) -> int:
         """RETR ``number``, passing the message bytes (CRLF lines, dot-unstuffed) to
@@ -190,22 +214,29 @@ class Pop3Session:
         """
         c = self.client
         pipelined = self.pipelining and len(numbers) > 1
-        with self._command(lambda t: MessageError(f"POP3 RETR failed: {t}")):
-            if pipelined:
-                c.sock.sendall(b"".join(f"RETR {n}\r\n".encode() for n in numbers))
-            for number in numbers:
-                if not pipelined:
-                    c._putcmd(f"RETR {number}")
-                try:
-                    c._getresp()
-                except poplib.error_proto as exc:
-                    if _dropped(exc):
-                        raise
-                    yield number, MessageError(f"POP3 RETR {number} refused: {_text(exc)}")
-                    continue
-                sink = _Guarded(sink_for, number)
-                count = _read_multiline(c.file, sink)
-                yield number, sink.failure if sink.failure is not None else count
+        current = None
+        try:
+            with self._command(lambda t: MessageError(f"POP3 RETR failed: {t}")):
+                if pipelined:
+                    c.sock.sendall(b"".join(f"RETR {n}\r\n".encode() for n in numbers))
+                for number in numbers:
+                    current = number
+                    if not pipelined:
+                        c._putcmd(f"RETR {number}")
+                    try:
+                        c._getresp()
+                    except poplib.error_proto as exc:
+                        if _dropped(exc):
+                            raise
+                        yield number, MessageError(
+                            f"POP3 RETR {number} refused: {_text(exc)}")
+                        continue
+                    sink = _Guarded(sink_for, number)
+                    count = _read_multiline(c.file, sink)
+                    yield number, sink.failure if sink.failure is not None else count
+        except ConnectionLost as exc:
+            exc.message_number = current  # whose response was awaited when it dropped
+            raise
 
     def mark_deleted(self, number: int) -> None:
         with self._command(lambda t: MailboxError(f"POP3 DELE {number} refused: {t}")):
@@ -251,10 +282,14 @@ def _read_multiline(f, deliver: Callable[[bytes], None]) -> int:
     """Read a dot-terminated POP3 response body from buffered reader ``f``, undoing
     byte-stuffing, and hand it to ``deliver`` in large pieces.  Returns the byte count.
 
-    Works on blocks instead of lines (a 50 MB message has ~700,000 lines): ``pending``
-    always starts at a CRLF, so every line start inside a block follows a CRLF in the
-    same block, and ``replace(CRLF '..', CRLF '.')`` unstuffs them all at once.  peek()
-    lets us consume exactly up to the terminator and not a byte of the next response.
+    Works on blocks instead of lines (a 50 MB message has ~700,000 lines).  Both patterns
+    that matter start with CRLF: CRLF ".." (stuffed) and CRLF "." CRLF (the end).  So a
+    block is cut at its last CRLF; the rest (``pending``) starts there, every pattern lies
+    wholly inside one block, and ``replace(CRLF '..', CRLF '.')`` unstuffs them all at
+    once.  A line without CRLF (a 9 MB base64 blob without line breaks) is passed on as
+    it arrives once LONG_LINE bytes gathered: with no CRLF after its start, only a final
+    CR can begin a pattern, and that one byte is kept back.  peek() lets us consume exactly
+    up to the terminator and not a byte of the next response.
     """
     pending = b"\r\n"  # a virtual CRLF before the first line
     first = True
@@ -271,12 +306,11 @@ def _read_multiline(f, deliver: Callable[[bytes], None]) -> int:
         else:
             f.read(len(chunk))
             cut = data.rfind(b"\r\n")
-            if cut <= 0:
-                if len(data) > MAX_LINE:
-                    raise MailboxError(f"POP3 server sent a line longer than {MAX_LINE} "
-                                       "bytes; refusing to buffer it")
-                pending = data
-                continue
+            if cut <= 0:  # inside one line
+                if len(data) < LONG_LINE:
+                    pending = data
+                    continue
+                cut = len(data) - 1 if data.endswith(b"\r") else len(data)
             block, pending = data[:cut].replace(b"\r\n..", b"\r\n."), data[cut:]
         if first:
             block, first = block[2:], False
