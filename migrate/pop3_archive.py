@@ -49,7 +49,9 @@ class Pop3Archive(JobRunner):
         self.archive = MaildirArchive(job.archive.path)
         self.folder_id: int | None = None
         self.drops: dict[str, int] = {}  # source key → connection drops during its RETR
-        self.given_up: set[str] = set()  # failed for this run: dropped it every time
+        # failed in this run (refused, mismatch, dropped the connection every time): a
+        # reconnect within the run does not try them again, the next run does
+        self.failed_keys: set[str] = set()
 
     def run(self) -> None:
         if not self.dry:
@@ -89,7 +91,7 @@ class Pop3Archive(JobRunner):
             by_key = {m.key: m for m in listing}
             pending = [rows[m.key] for m in listing
                        if rows[m.key].state in (State.SEEN, State.APPENDING, State.FAILED)
-                       and m.key not in self.given_up]
+                       and m.key not in self.failed_keys]
             if self.dry:
                 self._dry_report(listing, rows, pending)
                 session.close()
@@ -190,6 +192,7 @@ class Pop3Archive(JobRunner):
                     faults.checkpoint("message-written")
                 except MessageError as exc:  # this message only; the session is in step
                     failed.append({"id": row.id, "last_error": str(exc)})
+                    self.failed_keys.add(row.source_key)
                     self.error(f"message {row.source_key} ({msg.size} bytes): {exc}; it "
                                "stays on the server")
                 progress.advance(1)
@@ -215,6 +218,7 @@ class Pop3Archive(JobRunner):
             except MessageError as exc:
                 self.archive.discard(written)  # new/ holds verified mail only
                 failed.append({"id": row.id, "last_error": str(exc)})
+                self.failed_keys.add(row.source_key)
                 self.error(f"message {row.source_key}: {exc}; it stays on the server")
         self.store.apply([
             (State.COPIED, [{"id": r.id, "sha256": w.sha256, "destination_path": w.relpath,
@@ -251,7 +255,7 @@ class Pop3Archive(JobRunner):
         self.store.transition(State.FAILED, [{"id": row.id, "last_error": reason}],
                               bump_attempts=True)
         row.state = State.FAILED
-        self.given_up.add(row.source_key)
+        self.failed_keys.add(row.source_key)
         self.counters.add("failed")
         self.error(f"message {row.source_key} ({row.size} bytes): {reason}")
 
