@@ -62,19 +62,22 @@ class Pop3Archive(JobRunner):
             self.folder_id = row.id if row else None
         progress = Progress(self.job.name, self.options.progress)
         try:
+            reached = False
             while True:
                 before = sum(self.drops.values())
                 try:
                     # A dropped connection restarts from the listing: what is verified is
                     # skipped.
-                    retrying(self.options)(self._pass, progress)
+                    retrying(self.options, reached=reached)(self._pass, progress)
                     return
                 except ConnectionLost:
                     # Retries used up, but drops were pinned on messages that are now
-                    # retried alone or given up: that is progress, go on.  A server
-                    # that cannot be reached at all pins nothing and ends the job.
+                    # retried alone or failed: that is progress, go on (bounded: each
+                    # message can take DROPS_PER_MESSAGE drops).  Drops that pin nothing
+                    # (a server down, a network gone) end the job.
                     if sum(self.drops.values()) == before:
                         raise
+                    reached = True
         finally:
             progress.close()
 
