@@ -8,7 +8,6 @@ import collections
 import hashlib
 import random
 
-
 from tests.rig import mailgen
 from tests.rig.courier import courier_account, courier_host  # noqa: F401
 from tests.rig.jobs import imap_job, run, write_config
