@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -336,3 +337,29 @@ def test_unreachable_server_still_ends_the_job(fake, tmp_path):
     result = run(write_config(tmp_path / "c.toml", [job]))
     assert not result.ok
     assert any("cannot connect to POP3 server" in e for e in result.errors), result.errors
+
+
+@pytest.mark.parametrize("buffer_size", [1, 3, 7, 64, 4096, 1 << 16])
+def test_multiline_reader_streams_long_lines_exactly(buffer_size, monkeypatch):
+    """The long-line path (no CRLF in the look-ahead) must unstuff and find the end
+    exactly like the line path: lines around the threshold, dots and CRs at every
+    boundary."""
+    import io
+
+    from migrate.endpoints import pop3
+
+    monkeypatch.setattr(pop3, "LONG_LINE", 16)
+    rng = random.Random(buffer_size)
+    lines = [b"." * 40, b"x" * 15 + b"\r" + b"y" * 30, b"..", b"", b"." + b"\r" * 20]
+    lines += [bytes(rng.choice(b"..ab\r") for _ in range(rng.randrange(60)))
+              for _ in range(300)]
+    lines = [line.rstrip(b"\r") for line in lines]  # a CR before CRLF is no line end
+    message = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                       for line in lines)
+    reader = io.BufferedReader(io.BytesIO(stuffed + b".\r\n+OK next\r\n"),
+                               buffer_size=buffer_size)
+    pieces: list[bytes] = []
+    assert pop3._read_multiline(reader, pieces.append) == len(message)
+    assert b"".join(pieces) == message
+    assert reader.read() == b"+OK next\r\n"

@@ -156,13 +156,14 @@ def test_pop3_duplicate_uidls_get_distinct_keys():
 
 
 def test_maildir_names_cannot_be_steered(tmp_path):
-    from migrate.endpoints.maildir import MaildirArchive
+    from migrate.endpoints.maildir import file_name
 
-    archive = MaildirArchive(tmp_path)
-    name = archive.name_for("job", "../../etc/passwd:2,S", 1700000000)
-    assert "/" not in name and ":" not in name and name.startswith("1700000000.M")
-    assert name == archive.name_for("job", "../../etc/passwd:2,S", 1700000000)  # stable
-    assert name != archive.name_for("other-job", "../../etc/passwd:2,S", 1700000000)
+    uidl, content = "../../etc/passwd:2,S", "ab" * 32
+    name = file_name("job", uidl, content)
+    assert "/" not in name and ":" not in name and not name.startswith(".")
+    assert name == file_name("job", uidl, content)  # stable: no time, no host name
+    assert name != file_name("other-job", uidl, content)
+    assert name != file_name("job", uidl, "cd" * 32)  # another message, same UIDL
 
 
 def test_every_command_and_option_is_documented():
