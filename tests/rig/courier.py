@@ -21,16 +21,14 @@ import re
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from .dovecot import Account, free_port
+from .dovecot import Account, free_port, wait_for_greeting
 
 RIG_DIR = Path(os.environ.get("MAILMIGRATE_RIG_DIR", "/var/tmp/mailmigrate-rig"))
 ROOT = RIG_DIR / "courier"
@@ -222,24 +220,10 @@ wait
                 [unshare, "--mount", "--propagation", "private", "--pid", "--fork",
                  "--kill-child", "/bin/sh", str(self.launcher)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise CourierUnavailable(
-                    f"courier ({self.name}) exited with {self._proc.returncode}:\n"
-                    f"{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.ports["imap"]), 2) as s:
-                    if s.recv(64).startswith(b"* OK"):
-                        return
-            except OSError as exc:
-                last_error = exc
-            time.sleep(0.05)
-        self.kill()
-        raise CourierUnavailable(
-            f"courier ({self.name}) did not greet on port {self.ports['imap']}: "
-            f"{last_error}\n{self.log_tail()}")
+        problem = wait_for_greeting(self.ports["imap"], timeout, self._proc.poll)
+        if problem:
+            self.kill()
+            raise CourierUnavailable(f"courier ({self.name}) {problem}:\n{self.log_tail()}")
 
     def _signal(self, sig: int) -> None:
         if self._proc is None or self._proc.poll() is not None:

@@ -19,17 +19,15 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
 
-from .dovecot import Account, free_port
+from .dovecot import Account, free_port, wait_for_greeting
 
 RIG_DIR = Path(os.environ.get("MAILMIGRATE_RIG_DIR", "/var/tmp/mailmigrate-rig"))
 CYRUS_ROOT = RIG_DIR / "cyrus"
@@ -150,24 +148,10 @@ EVENTS {{
                  "-p", str(self.pidfile), "-D"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                 start_new_session=True)
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise CyrusUnavailable(
-                    f"cyrus master ({self.name}) exited with {self._proc.returncode}:\n"
-                    f"{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.ports["imap"]), 2) as s:
-                    if s.recv(64).startswith(b"* OK"):
-                        return
-            except OSError as exc:
-                last_error = exc
-            time.sleep(0.05)
-        self.kill()
-        raise CyrusUnavailable(
-            f"cyrus ({self.name}) did not greet on port {self.ports['imap']}: "
-            f"{last_error}\n{self.log_tail()}")
+        problem = wait_for_greeting(self.ports["imap"], timeout, self._proc.poll)
+        if problem:
+            self.kill()
+            raise CyrusUnavailable(f"cyrus master ({self.name}) {problem}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: the master ends itself and every child."""

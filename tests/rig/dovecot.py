@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_greeting(port: int, timeout: float,
+                      exited: Callable[[], int | None] | None = None) -> str | None:
+    """Poll 127.0.0.1:``port`` until an IMAP server greets ("* OK"), so a test never races
+    a server's start.  None when it greeted, else what went wrong (for the error)."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        code = exited() if exited else None
+        if code is not None:
+            return f"exited with {code}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), 2) as s:
+                if s.recv(64).startswith(b"* OK"):
+                    return None
+        except OSError as exc:
+            last_error = exc
+        time.sleep(0.05)
+    return f"did not greet on port {port}: {last_error}"
 
 
 class DovecotServer:
@@ -224,19 +245,9 @@ service managesieve-login {{
                 f"{self.log_tail()}")
         # Readiness: the master daemonises after binding, but wait for a greeting so a
         # test never races the login processes.
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.ports["imap"]), 2) as s:
-                    if s.recv(64).startswith(b"* OK"):
-                        return
-            except OSError as exc:
-                last_error = exc
-            time.sleep(0.05)
-        raise DovecotUnavailable(
-            f"dovecot ({self.name}) did not greet on port {self.ports['imap']}: "
-            f"{last_error}\n{self.log_tail()}")
+        problem = wait_for_greeting(self.ports["imap"], timeout)
+        if problem:
+            raise DovecotUnavailable(f"dovecot ({self.name}) {problem}\n{self.log_tail()}")
 
     def stop(self) -> None:
         subprocess.run([DOVECOT, "-c", str(self.conf), "stop"], stdin=subprocess.DEVNULL,
