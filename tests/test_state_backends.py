@@ -96,3 +96,28 @@ def test_postgresql_job_lock_dies_with_a_killed_holder(pg_url, old_account, new_
     store = Store(pg_url)
     assert [r["outcome"] for r in store.runs(store.find_job("alice"))] == ["aborted", "ok"]
     store.close()
+
+
+def test_hosts_starting_at_once_create_the_schema_once(pg_url):
+    """Several workers opening a fresh PostgreSQL state database at the same moment."""
+    import threading
+
+    errors, stores = [], []
+    barrier = threading.Barrier(6)
+
+    def open_store():
+        barrier.wait()
+        try:
+            stores.append(Store(pg_url))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {s.schema_version() for s in stores} == {2}
+    for s in stores:
+        s.close()

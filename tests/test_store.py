@@ -178,3 +178,63 @@ def test_state_machine_table_is_consistent():
 def test_unreachable_database_is_a_clear_error(tmp_path):
     with pytest.raises(StateError, match="cannot open state database"):
         Store(f"sqlite:///{tmp_path}/no/such/dir/x.db")
+
+
+def test_version_1_database_is_upgraded_and_keeps_its_bindings(tmp_path):
+    """A state database written by the previous release: its tables gain the new columns
+    and its host-name bindings keep refusing the other protocol."""
+    import sqlite3
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE mailboxes (id INTEGER PRIMARY KEY, host VARCHAR(255) NOT NULL,
+            username VARCHAR(320) NOT NULL, protocol VARCHAR(8) NOT NULL,
+            bound_by_job VARCHAR(200) NOT NULL, bound_at DATETIME NOT NULL,
+            CONSTRAINT uq_mailbox UNIQUE (host, username));
+        INSERT INTO mailboxes VALUES (1, 'mail.old.example', 'alice@old.example', 'imap',
+            'alice', '2026-01-02 03:04:05');
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY, name VARCHAR(200) NOT NULL UNIQUE,
+            kind VARCHAR(32) NOT NULL, mailbox_id INTEGER REFERENCES mailboxes(id),
+            created_at DATETIME NOT NULL);
+        INSERT INTO jobs VALUES (1, 'alice', 'imap-copy', 1, '2026-01-02 03:04:05');
+        CREATE TABLE runs (id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs(id),
+            started_at DATETIME NOT NULL, ended_at DATETIME, outcome VARCHAR(16) NOT NULL,
+            dry_run BOOLEAN NOT NULL, hostname VARCHAR(255) NOT NULL, pid INTEGER NOT NULL,
+            folders INTEGER NOT NULL, copied INTEGER NOT NULL, skipped INTEGER NOT NULL,
+            flags_updated INTEGER NOT NULL, deleted INTEGER NOT NULL, failed INTEGER NOT NULL,
+            vanished INTEGER NOT NULL, bytes BIGINT NOT NULL, error TEXT);
+        CREATE TABLE folders (id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs(id),
+            source_name TEXT NOT NULL, destination_name TEXT NOT NULL, uidvalidity BIGINT,
+            destination_uidvalidity BIGINT, updated_at DATETIME NOT NULL,
+            CONSTRAINT uq_folder UNIQUE (job_id, source_name));
+        CREATE TABLE messages (id INTEGER PRIMARY KEY,
+            folder_id INTEGER NOT NULL REFERENCES folders(id), source_key VARCHAR(512) NOT NULL,
+            source_uidvalidity BIGINT, source_uid BIGINT, size BIGINT NOT NULL,
+            message_id TEXT, sha256 VARCHAR(64), flags TEXT NOT NULL, internaldate DATETIME,
+            destination_uidvalidity BIGINT, destination_uid BIGINT, destination_path TEXT,
+            state VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL, last_error TEXT,
+            first_seen_at DATETIME NOT NULL, updated_at DATETIME NOT NULL,
+            verified_at DATETIME, deleted_at DATETIME,
+            CONSTRAINT uq_message UNIQUE (folder_id, source_key));
+        INSERT INTO folders VALUES (1, 1, 'INBOX', 'INBOX', 7, 9, '2026-01-02 03:04:05');
+        INSERT INTO messages VALUES (1, 1, '7:1', 7, 1, 100, NULL, NULL, '', NULL, 9, 3,
+            NULL, 'verified', 0, NULL, '2026-01-02 03:04:05', '2026-01-02 03:04:05',
+            '2026-01-02 03:04:05', NULL);
+    """)
+    db.close()
+    store = Store(f"sqlite:///{path}")
+    try:
+        assert store.schema_version() == 2
+        (row,) = store.messages(1).values()
+        assert row.state == State.VERIFIED and row.destination_size is None
+        with pytest.raises(SafetyError, match="bound to IMAP by job 'alice'"):
+            store.bind_mailbox(["name:mail.old.example", "cert:ab"], "mail.old.example:995",
+                               "alice@old.example", "pop3", "alice-pop")
+        run_id = store.start_run(1, dry_run=False)
+        store.finish_run(run_id, "ok", {"quarantined": 2})
+        assert store.runs(1)[-1]["quarantined"] == 2
+    finally:
+        store.close()
