@@ -165,3 +165,29 @@ def test_pop3_archive_from_cyrus(cyrus_account, tmp_path):
     again = run(path)
     assert again.ok and again.counts.get("copied", 0) == 0
     assert archived() == reference
+
+
+def test_folder_shared_by_another_user_is_neither_copied_nor_emptied(cyrus_host,
+                                                                    cyrus_account,
+                                                                    new_account, tmp_path):
+    """Cyrus lists a folder bob shared with alice under "Other Users/": not alice's mail."""
+    bob = cyrus_host.add_user("bob-shares@cyrus.test", "pw-bob-shares")
+    shared = mailgen.realistic_mailbox(separator="/", prefix="", count=6, big=False, seed=26)
+    mailgen.fill(bob, [mailgen.TestMessage("Shared", m.body, m.flags, m.date)
+                       for m in shared])
+    client = mailgen.connect(bob)
+    client.setacl("Shared", cyrus_account.username, "lrswipkxtecda")
+    client.logout()
+    client = mailgen.connect(cyrus_account)
+    names = [name for _f, _d, name in client.list_folders()]
+    client.logout()
+    assert any(n.startswith("Other Users/") for n in names), names  # alice sees it
+    mine = [m for m in mailgen.realistic_mailbox(separator="/", prefix="", count=6,
+                                                 big=False, seed=27) if m.folder == "INBOX"]
+    mailgen.fill(cyrus_account, mine)
+    result = run(write_config(tmp_path / "c.toml", [imap_job(
+        "alice", cyrus_account, new_account, delete_after_verify=True)]))
+    assert result.ok, result.errors
+    assert len(mailgen.snapshot(bob)["Shared"]) == len(shared)  # bob's folder untouched
+    assert not any("Shared" in n or "Other Users" in n for n in mailgen.snapshot(new_account))
+    assert mailgen.snapshot(cyrus_account)["INBOX"] == []  # alice's own mail was moved
