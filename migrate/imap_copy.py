@@ -585,13 +585,10 @@ class ImapCopy(JobRunner):
                     break
         return found
 
-    def _to_send(self, ctx: _FolderCopy, flags: frozenset[str]) -> frozenset[str]:
+    @staticmethod
+    def _to_send(ctx: _FolderCopy, flags: frozenset[str]) -> frozenset[str]:
         """The flags to give the copy: what the destination folder can keep."""
-        kept = ctx.dsel.storable(flags, ctx.dst.refused_keywords)
-        for f in flags - kept:
-            with self._lock:
-                self._not_kept[f] = self._not_kept.get(f, 0) + 1
-        return kept
+        return ctx.dsel.storable(flags, ctx.dst.refused_keywords)
 
     def _append_and_verify(self, ctx: _FolderCopy, rows, bodies, digests) -> None:
         dst, dsel = ctx.dst, ctx.dsel
@@ -666,6 +663,9 @@ class ImapCopy(JobRunner):
             self._store_flags(dst, [(uids[r.id], meta[uids[r.id]].flags, want[r.id])
                                     for r in fix])
             meta.update(dst.copy_meta([uids[r.id] for r in fix]))
+            # keywords the STORE was refused are reported, not a failed verification
+            want = {r.id: self._to_send(ctx, ctx.by_uid[r.source_uid].flags)
+                    if r.source_uid in ctx.by_uid else r.flags for r in rows}
         verified, missing, bad = [], [], []
         for r in rows:
             uid = uids[r.id]
@@ -707,6 +707,9 @@ class ImapCopy(JobRunner):
             r.state = State.VERIFIED
             if r.source_uid in ctx.by_uid:
                 r.flags = ctx.by_uid[r.source_uid].flags
+            with self._lock:  # reported once per run: exactly what could not be kept
+                for f in r.flags - want[r.id]:
+                    self._not_kept[f] = self._not_kept.get(f, 0) + 1
         for r, _ in missing:
             r.state, r.destination_uid = State.FAILED, None
         if missing_is_error:
@@ -829,12 +832,17 @@ class ImapCopy(JobRunner):
         now = src.source_flags([r.source_uid for r in mine])
         seen.not_at_source = {r.id for r in mine if r.source_uid not in now}
         mine = [r for r in mine if r.id not in seen.not_at_source]
-        refused = dst.refused_keywords
-        want = {r.id: dsel.storable(now.get(r.source_uid, r.flags), refused) for r in mine}
+
+        def wanted():
+            return {r.id: dsel.storable(now.get(r.source_uid, r.flags), dst.refused_keywords)
+                    for r in mine}
+
+        want = wanted()
         stale = [r for r in mine if copies[r.destination_uid].flags != want[r.id]]
         if stale:
             self._store_flags(dst, [(r.destination_uid, copies[r.destination_uid].flags,
                                      want[r.id]) for r in stale])
+            want = wanted()  # the STORE may have taught us keywords it will not keep
             again = dst.copy_meta([r.destination_uid for r in stale])
             for r in stale:
                 have = again.get(r.destination_uid)

@@ -172,3 +172,16 @@ def test_refused_store_and_expunge_are_errors_not_tracebacks(pair, tmp_path):
     assert again.ok, again.errors
     assert again.counts["deleted"] == len(bodies) and source.messages("INBOX") == []
     assert bodies_at(destination) == sorted(bodies)
+
+
+def test_refused_keyword_does_not_block_deletion_in_a_later_run(pair, tmp_path):
+    """A new run's sessions do not know the keyword was refused: the STORE before
+    deleting learns it again instead of failing the folder."""
+    source, destination = pair
+    destination.rejected_keywords = {"project-x"}
+    bodies = fill(source)
+    assert run(config(tmp_path, source, destination)).ok
+    result = run(config(tmp_path, source, destination, "d.toml", delete_after_verify=True))
+    assert result.ok, result.errors
+    assert result.counts["deleted"] == len(bodies) and source.messages("INBOX") == []
+    assert bodies_at(destination) == sorted(bodies)

@@ -689,10 +689,31 @@ class ImapSession:
     @_guard
     def store_flags(self, uids: Sequence[int], add: Iterable[str], remove: Iterable[str]
                     ) -> None:
-        add, remove = sorted(add), sorted(remove)
+        """+FLAGS / -FLAGS.  Keywords the server rejects ("BAD Unrecognized flag") are
+        left out and remembered in ``refused_keywords``, as on APPEND; any other refusal
+        is this folder's error."""
+        add = sorted(set(add) - self.refused_keywords)
+        remove = sorted(remove)
         try:
-            if add:
-                self.client.add_flags(list(uids), add, silent=True)
+            try:
+                if add:
+                    self.client.add_flags(list(uids), add, silent=True)
+            except IMAPClientAbortError:
+                raise
+            except IMAPClientError:
+                keywords = [f for f in add if not f.startswith("\\")]
+                if not keywords:
+                    raise
+                system = [f for f in add if f.startswith("\\")]
+                if system:
+                    self.client.add_flags(list(uids), system, silent=True)
+                for keyword in keywords:  # find the one(s) it will not take
+                    try:
+                        self.client.add_flags(list(uids), [keyword], silent=True)
+                    except IMAPClientAbortError:
+                        raise
+                    except IMAPClientError:
+                        self.refused_keywords.add(keyword)
             if remove:
                 self.client.remove_flags(list(uids), remove, silent=True)
         except IMAPClientAbortError:
