@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 from . import __version__
 from . import config as config_mod
-from .engine import JobResult, RunOptions, exit_code, run_jobs, total_line
+from .engine import exit_code, run_jobs
+from .results import JobResult, total_line
+from .runner import RunOptions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError
 
 EPILOG = """exit codes: 0 everything done; 1 something failed (details above the summary);

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from . import faults
-from .engine import plural
+from .results import plural
 from .errors import SafetyError
 from .states import State
 from .store import MessageRow
 
 if TYPE_CHECKING:
-    from .engine import JobRunner
+    from .runner import JobRunner
 
 T = TypeVar("T")
 DELETABLE = frozenset({State.VERIFIED, State.DELETING})

@@ -24,7 +24,8 @@ from . import deletion, faults
 from .config import Job
 from .deletion import LookedAgain
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
-from .engine import JobRunner, Progress, RunOptions, plural, retrying
+from .results import plural
+from .runner import JobRunner, Progress, RunOptions, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State

@@ -22,7 +22,8 @@ from . import deletion, faults
 from .config import Job
 from .endpoints.maildir import ArchiveWriteError, MaildirArchive, Written
 from .endpoints.pop3 import Pop3Message, Pop3Session
-from .engine import Counters, JobResult, JobRunner, Progress, RunOptions, retrying
+from .results import JobResult
+from .runner import Counters, JobRunner, Progress, RunOptions, retrying
 from .errors import ConnectionLost, MessageError, SafetyError
 from .deletion import LookedAgain
 from .states import State

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from migrate import cli
-from migrate.engine import JobResult, exit_code, group_errors
+from migrate.engine import exit_code
+from migrate.results import JobResult, group_errors
 from migrate.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED
 from migrate.imap_copy import ImapCopy
 from migrate.store import Store

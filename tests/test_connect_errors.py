@@ -14,7 +14,7 @@ import pytest
 import trustme
 
 from migrate.endpoints.contact import ServerUnreachable, TemporarilyRefused
-from migrate.engine import RunOptions, retrying
+from migrate.runner import RunOptions, retrying
 from migrate.errors import ConnectionLost, MailboxError
 from tests.rig.dovecot import free_port
 from tests.rig.greeter import Greeter, imap_answers, pop3_answers

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from migrate import config as cfg
-from migrate.engine import RunOptions, run_jobs
+from migrate.engine import run_jobs
+from migrate.runner import RunOptions
 from tests.rig import mailgen
 from tests.rig.dovecot import DovecotServer
 from tests.rig.jobs import imap_job, run_cli, write_config

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from migrate import config as cfg
-from migrate.engine import RunOptions, run_jobs
+from migrate.engine import run_jobs
+from migrate.runner import RunOptions
 from migrate.states import State
 from migrate.store import Store
 from tests.rig import mailgen

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..config import DEFAULT_PORTS, Endpoint
 from ..errors import ConnectionLost, MailboxError
+from .tls import describe_tls_failure
 
 GREETING_WAIT_MAX = 15.0  # real servers greet within milliseconds; slow DNS checks ~5 s
 PROBE_WAIT_MAX = 5.0
@@ -193,12 +194,9 @@ def first_contact_failure(endpoint: Endpoint, exc: BaseException, greeting_error
         # the connection went away during the handshake: retry, don't blame the TLS setup
         return ConnectionLost(f"connection to {at} closed during the TLS handshake")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        from .tls import describe_tls_failure  # tls imports this module
 
         return describe_tls_failure(endpoint, exc)
     if isinstance(exc, ssl.SSLError):
-        from .tls import describe_tls_failure
-
         return explain(endpoint, probe(endpoint, tls=False)) or describe_tls_failure(
             endpoint, exc)
     if isinstance(exc, TimeoutError):
@@ -217,52 +215,3 @@ def first_contact_failure(endpoint: Endpoint, exc: BaseException, greeting_error
             f"{at} did not greet like an {proto} server: {exc}")
     return ConnectionLost(f"connection to {proto} server {at} failed: "
                           f"{exc.__class__.__name__}: {exc}")
-
-
-def certificate_names(endpoint: Endpoint) -> list[str]:
-    """The names the server's certificate covers (subjectAltName, else the subject CN),
-    read in a second handshake that still verifies the chain but not the host name.
-    Empty when that fails too.  For STARTTLS the upgrade is done by hand: greeting,
-    STARTTLS/STLS, then the handshake; nothing else is sent."""
-    from .tls import ssl_context
-
-    ctx = ssl_context(endpoint)
-    ctx.check_hostname = False
-    wait = probe_wait(endpoint)
-    try:
-        with socket.create_connection((endpoint.host, endpoint.port), timeout=wait) as raw:
-            if endpoint.security != "ssl" and not _upgrade(endpoint, raw):
-                return []
-            with ctx.wrap_socket(raw, server_hostname=endpoint.host) as tls:
-                cert = tls.getpeercert() or {}
-    except (OSError, ValueError):
-        return []
-    names = [value for kind, value in cert.get("subjectAltName", ())
-             if kind in ("DNS", "IP Address")]
-    if not names:
-        names = [value for rdn in cert.get("subject", ()) for key, value in rdn
-                 if key == "commonName"]
-    return names
-
-
-def _upgrade(endpoint: Endpoint, sock: socket.socket) -> bool:
-    """STARTTLS (IMAP) or STLS (POP3) on a fresh plaintext connection; byte by byte
-    reads, so no TLS byte is swallowed into a buffer."""
-    def line() -> bytes:
-        out = b""
-        while not out.endswith(b"\n") and len(out) < 4096:
-            c = sock.recv(1)
-            if not c:
-                break
-            out += c
-        return out
-
-    line()  # greeting
-    if endpoint.protocol == "imap":
-        sock.sendall(b"m1 STARTTLS\r\n")
-        answer = line()
-        while answer.startswith(b"*"):
-            answer = line()
-        return answer.upper().startswith(b"M1 OK")
-    sock.sendall(b"STLS\r\n")
-    return line().startswith(b"+OK")

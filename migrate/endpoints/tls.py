@@ -9,7 +9,6 @@ import ssl
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, MailboxError
-from .contact import certificate_names
 
 
 def ssl_context(endpoint: Endpoint) -> ssl.SSLContext:
@@ -81,3 +80,50 @@ def server_aliases(endpoint: Endpoint, sock) -> list[str]:
     elif not der:
         aliases.extend(f"ip:{a}:{endpoint.port}" for a in addresses or [endpoint.host.lower()])
     return aliases
+
+
+def certificate_names(endpoint: Endpoint) -> list[str]:
+    """The names the server's certificate covers (subjectAltName, else the subject CN),
+    read in a second handshake that still verifies the chain but not the host name.
+    Empty when that fails too.  For STARTTLS the upgrade is done by hand: greeting,
+    STARTTLS/STLS, then the handshake; nothing else is sent."""
+    ctx = ssl_context(endpoint)
+    ctx.check_hostname = False
+    wait = min(endpoint.timeout, 5.0)  # a second look, not the job's own wait
+    try:
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=wait) as raw:
+            if endpoint.security != "ssl" and not _upgrade(endpoint, raw):
+                return []
+            with ctx.wrap_socket(raw, server_hostname=endpoint.host) as tls:
+                cert = tls.getpeercert() or {}
+    except (OSError, ValueError):
+        return []
+    names = [value for kind, value in cert.get("subjectAltName", ())
+             if kind in ("DNS", "IP Address")]
+    if not names:
+        names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+                 if key == "commonName"]
+    return names
+
+
+def _upgrade(endpoint: Endpoint, sock: socket.socket) -> bool:
+    """STARTTLS (IMAP) or STLS (POP3) on a fresh plaintext connection; byte by byte
+    reads, so no TLS byte is swallowed into a buffer."""
+    def line() -> bytes:
+        out = b""
+        while not out.endswith(b"\n") and len(out) < 4096:
+            c = sock.recv(1)
+            if not c:
+                break
+            out += c
+        return out
+
+    line()  # greeting
+    if endpoint.protocol == "imap":
+        sock.sendall(b"m1 STARTTLS\r\n")
+        answer = line()
+        while answer.startswith(b"*"):
+            answer = line()
+        return answer.upper().startswith(b"M1 OK")
+    sock.sendall(b"STLS\r\n")
+    return line().startswith(b"+OK")

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from migrate import config as cfg
-from migrate.engine import JobResult, RunOptions, run_jobs
+from migrate.engine import run_jobs
+from migrate.results import JobResult
+from migrate.runner import RunOptions
 
 
 def toml_value(v) -> str:

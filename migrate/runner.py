@@ -1,0 +1,266 @@
+"""What every job shares: its options, counters, progress bar, error and warning
+collection, the bounded retry loop, and what to make of messages no longer at the source.
+
+The jobs (``imap_copy``, ``pop3_archive``) build on ``JobRunner``; the engine runs them.
+Nothing here knows a protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_after_delay,
+                      wait_exponential)
+from tqdm import tqdm
+
+from .config import Job
+from .errors import MigrateError
+from .results import JobResult, plural
+from .states import State
+from .store import MessageRow, Store
+
+log = logging.getLogger("migrate")
+
+# An APPEND (or CREATE) refused because the destination mailbox is full: RFC 5530's
+# [OVERQUOTA], or a server's own words.  Every further APPEND would fail the same way.
+_OVER_QUOTA = re.compile(r"\[OVERQUOTA\]|\bquota\b", re.IGNORECASE)
+
+
+@dataclass
+class RunOptions:
+    dry_run: bool = False
+    max_delete: int | None = None
+    progress: bool | None = None  # None: only when stderr is a TTY
+    retries: int = 4  # connection attempts per unit of work
+    retry_wait: float = 1.0  # first back-off in seconds, doubling, capped at 30 s
+    # a retry loop gives up this many seconds after its first failure (with the back-off
+    # above, 4 attempts take ~7 s: the bound is for slow failures, e.g. timeouts)
+    retry_deadline: float = 120.0
+    batch_bytes: int = 4 * 1024 * 1024  # size bound of one FETCH/APPEND batch
+    batch_messages: int = 200
+    # Server capabilities to ignore (both sides), e.g. {"UIDPLUS"}: tests use it to exercise
+    # the fallbacks for servers without them.
+    ignore_capabilities: frozenset[str] = frozenset()
+    retry_failed: bool = False  # quarantined messages are tried again
+    # a message that failed this many runs is quarantined (not retried by itself)
+    quarantine_after: int = 3
+    max_errors: int | None = None  # a job stops after this many errors (None: never)
+    # Set (by the CLI's SIGINT/SIGTERM handler) to stop every job after its batch in
+    # flight: jobs check it between batches and folders, and start nothing new.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class Counters:
+    """Thread-safe counters shared by a job's workers."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.values: dict[str, int] = {}
+
+    def add(self, name: str, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self.values[name] = self.values.get(name, 0) + n
+
+
+class Progress:
+    """A tqdm bar on a TTY; nothing otherwise.  Totals grow as folders are listed."""
+
+    def __init__(self, label: str, enabled: bool | None):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self._lock = threading.Lock()
+        self.bar = tqdm(total=0, unit="msg", desc=label, disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def grow(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self.bar.total += n
+                self.bar.refresh()
+
+    def advance(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class JobRunner:
+    """What both jobs share: their context, error/warning collection, and what to make
+    of messages that are no longer at the source."""
+
+    def __init__(self, job: Job, store: Store, job_id: int | None, options: RunOptions,
+                 counters: Counters, result: JobResult):
+        self.job = job
+        self.store = store
+        self.job_id = job_id
+        self.options = options
+        self.counters = counters
+        self.result = result
+        self.dry = options.dry_run
+        self._lock = threading.Lock()
+        self._errors = 0
+        self._halted: str | None = None  # why this job stops early, once it does
+        self._halt_reported = False
+
+    def error(self, text: str) -> None:
+        halt = None
+        with self._lock:
+            self.result.errors.append(text)
+            self._errors += 1
+            if self._halted is None:
+                if _OVER_QUOTA.search(text):
+                    halt = ("the destination is over quota; this job stopped copying (make "
+                            "room or raise the quota, then run it again)")
+                elif (self.options.max_errors is not None
+                      and self._errors >= self.options.max_errors):
+                    halt = (f"stopped after {plural(self._errors, 'error')} "
+                            f"(--max-errors {self.options.max_errors})")
+                if halt:
+                    self._halted = halt
+                    self.result.errors.append(halt)
+        # shown by the CLI right before the job's summary; logged as it happens with -v
+        log.error("%s: %s", self.job.name, text, extra={"reported": True})
+        if halt:
+            log.error("%s: %s", self.job.name, halt, extra={"reported": True})
+
+    def stopping(self) -> bool:
+        """Start no new batch, folder or deletion: the run was interrupted (SIGINT or
+        SIGTERM), or this job hit a stop condition (over quota, --max-errors)."""
+        return self.options.stop.is_set() or self._halted is not None
+
+    def warn(self, text: str) -> None:
+        with self._lock:
+            self.result.warnings.append(text)
+        log.warning("%s: %s", self.job.name, text, extra={"reported": True})
+
+    def batches(self, rows: Sequence[MessageRow], max_bytes: int) -> Iterator[list[MessageRow]]:
+        """Consecutive rows in size- and count-bounded batches; a large message travels
+        alone."""
+        batch: list[MessageRow] = []
+        size = 0
+        for r in rows:
+            if batch and (size + r.size > max_bytes
+                          or len(batch) >= self.options.batch_messages):
+                if self.stopping():
+                    return
+                log.debug("%s: batch of %s, %d bytes", self.job.name,
+                          plural(len(batch), "message"), size)
+                yield batch
+                batch, size = [], 0
+            batch.append(r)
+            size += r.size
+        if batch and not self.stopping():
+            log.debug("%s: batch of %s, %d bytes", self.job.name,
+                      plural(len(batch), "message"), size)
+            yield batch
+
+    def refuse(self, exc: MigrateError) -> None:
+        """A safety refusal (e.g. --max-delete): reported, and the run exits with 2."""
+        self.error(str(exc))
+        with self._lock:
+            self.result.exit_code = max(self.result.exit_code, exc.exit_code)
+
+    def bind_source(self, aliases: Sequence[str]) -> None:
+        """Protocol binding, right after the first connection to the source told us which
+        server this really is; raises SafetyError (exit 2) before anything is read."""
+        src, job = self.job.source, self.job
+        self.store.bind_mailbox(
+            aliases, f"{src.host}:{src.port}", src.username, src.protocol, job.name,
+            deletes=job.delete_after_verify or job.leave_on_server_days is not None,
+            check_only=self.dry)
+
+    def keep_back(self, gone: Sequence[MessageRow], why: dict[int, str], report: str) -> None:
+        """Messages whose copy is gone when looked at right before deleting the
+        originals: they become failed (kept at the source, copied again by the next
+        run), never deleted."""
+        if gone:
+            self.store.transition(State.FAILED, [{"id": r.id, "last_error": why[r.id],
+                                                  "destination_uid": None} for r in gone],
+                                  bump_attempts=True)
+            for r in gone:
+                r.state, r.destination_uid = State.FAILED, None
+            self.counters.add("failed", len(gone))
+            self.error(report)
+
+    def revive(self, present: Sequence[MessageRow]) -> None:
+        """Rows marked vanished whose message is back at the source (some servers hide
+        messages for a while): they go through the copy path again — never lost."""
+        back = [r for r in present if r.state == State.VANISHED]
+        if back and not self.dry:
+            self.store.transition(State.SEEN, [{"id": r.id} for r in back])
+        for r in back:
+            r.state = State.SEEN
+
+    def settle_missing(self, missing: Sequence[MessageRow]) -> int:
+        """Messages gone from the source: a ``deleting`` one was deleted by us (the
+        EXPUNGE/QUIT went through before a crash or drop); any other has *vanished*:
+        someone else deleted it.  Returns how many vanished."""
+        ours = [r for r in missing if r.state == State.DELETING]
+        theirs = [r for r in missing if r.state in (State.SEEN, State.APPENDING, State.COPIED,
+                                                    State.VERIFIED, State.FAILED,
+                                                    State.QUARANTINED)]
+        if not self.dry:
+            self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
+                              (State.VANISHED, [{"id": r.id} for r in theirs], False)])
+            for r in ours:
+                r.state = State.DELETED
+            for r in theirs:
+                r.state = State.VANISHED
+        self.counters.add("vanished", len(theirs))
+        return len(theirs)
+
+
+class RetryLoop:
+    """Runs a unit of work again after transient (connection) errors, with exponential
+    back-off (tenacity), at most ``options.retries`` attempts and ``options.retry_deadline``
+    seconds.  Permanent errors pass through at once, and nothing is retried once the run
+    is asked to stop.
+
+    A server that is unreachable (refused, no answer) is only retried once a connection
+    of this loop had reached it (``reached``, or an earlier attempt that failed later
+    than connecting): on first contact it means a wrong host or port.  An error the loop
+    gives up on leaves marked as not transient, so an enclosing loop does not retry the
+    same thing again (retries never multiply)."""
+
+    def __init__(self, options: RunOptions, reached: bool):
+        self.options = options
+        self.reached = reached
+
+    def _worth_retrying(self, exc: BaseException) -> bool:
+        if not (isinstance(exc, MigrateError) and exc.transient):
+            return False
+        unreachable = getattr(exc, "unreachable", False)
+        if not unreachable:
+            self.reached = True
+        return self.reached and not self.options.stop.is_set()
+
+    def __call__(self, work, *args, **kwargs):
+        opts = self.options
+        attempts = max(1, opts.retries)
+        loop = Retrying(
+            stop=stop_after_attempt(attempts) | stop_after_delay(opts.retry_deadline),
+            wait=wait_exponential(multiplier=opts.retry_wait, max=30),
+            retry=retry_if_exception(self._worth_retrying),
+            before_sleep=lambda rs: log.warning(
+                "connection problem (%s); retrying (attempt %d of %d)",
+                rs.outcome.exception(), rs.attempt_number + 1, attempts),
+            reraise=True)
+        try:
+            return loop(work, *args, **kwargs)
+        except MigrateError as exc:
+            exc.transient = False  # final: see the class comment
+            raise
+
+
+def retrying(options: RunOptions, *, reached: bool = False) -> RetryLoop:
+    """``retrying(options)(work, *args)``: see RetryLoop."""
+    return RetryLoop(options, reached)
