@@ -375,15 +375,7 @@ class Store:
                     return binding
                 try:
                     with self._write() as conn:
-                        known = set(conn.execute(select(mailbox_aliases.c.alias).where(
-                            mailbox_aliases.c.mailbox_id == mailbox_id)).scalars())
-                        fresh = [a for a in aliases if a not in known]
-                        if fresh:  # e.g. a renewed certificate: remember it as well
-                            conn.execute(insert(mailbox_aliases), [
-                                {"mailbox_id": mailbox_id, "username": username, "alias": a}
-                                for a in fresh])
-                        conn.execute(update(jobs).where(jobs.c.name == job_name)
-                                     .values(mailbox_id=mailbox_id, deletes=deletes))
+                        _attach(conn, mailbox_id, username, aliases, job_name, deletes)
                 except IntegrityError:
                     continue
                 return binding
@@ -394,11 +386,7 @@ class Store:
                     mailbox_id = conn.execute(insert(mailboxes).values(
                         host=label.lower(), username=username, protocol=protocol,
                         bound_by_job=job_name, bound_at=self.clock())).inserted_primary_key[0]
-                    conn.execute(insert(mailbox_aliases), [
-                        {"mailbox_id": mailbox_id, "username": username, "alias": a}
-                        for a in aliases])
-                    conn.execute(update(jobs).where(jobs.c.name == job_name)
-                                 .values(mailbox_id=mailbox_id, deletes=deletes))
+                    _attach(conn, mailbox_id, username, aliases, job_name, deletes)
             except IntegrityError:
                 continue
         found = self._binding_by_alias(aliases, username)
@@ -728,6 +716,20 @@ def _advisory_key(job_name: str) -> int:
     whose values may change between PostgreSQL major versions)."""
     digest = hashlib.sha256(f"mailmigrate job lock:{job_name}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _attach(conn, mailbox_id: int, username: str, aliases: Sequence[str], job_name: str,
+            deletes: bool) -> None:
+    """Remember every alias of the mailbox's server (a renewed certificate, another name
+    that reaches it) and which job reads the mailbox, and whether it deletes."""
+    known = set(conn.execute(select(mailbox_aliases.c.alias).where(
+        mailbox_aliases.c.mailbox_id == mailbox_id)).scalars())
+    fresh = [a for a in aliases if a not in known]
+    if fresh:
+        conn.execute(insert(mailbox_aliases), [
+            {"mailbox_id": mailbox_id, "username": username, "alias": a} for a in fresh])
+    conn.execute(update(jobs).where(jobs.c.name == job_name)
+                 .values(mailbox_id=mailbox_id, deletes=deletes))
 
 
 def _upgrade(conn, version: int) -> None:
