@@ -783,8 +783,9 @@ class ImapCopy(JobRunner):
     def _dry_report(self, plan, pending, rows, by_uid, dst, dsel) -> None:
         maybe_dupes = 0
         if pending and dsel is not None:
-            index = {(m.message_id, m.size) for m in dst.list_messages(dsel.exists)}
-            maybe_dupes = sum(1 for r in pending if (r.message_id, r.size) in index)
+            # the same candidates a real run would confirm by sha256
+            index = {_dup_key(m.message_id, m.size) for m in dst.list_messages(dsel.exists)}
+            maybe_dupes = sum(1 for r in pending if _dup_key(r.message_id, r.size) in index)
         flag_changes = sum(1 for r in rows.values()
                            if r.state in (State.VERIFIED, State.DELETING)
                            and r.source_uid in by_uid and by_uid[r.source_uid].flags != r.flags)
@@ -800,7 +801,8 @@ class ImapCopy(JobRunner):
         line = (f"folder {plan.source!r} → {plan.destination!r}: {len(pending)} to copy "
                 f"({size / 1e6:.1f} MB)")
         if maybe_dupes:
-            line += f", {maybe_dupes} of them possibly already there (same Message-ID + size)"
+            line += (f", {maybe_dupes} of them possibly already there (same Message-ID, or "
+                     "size without one)")
         line += f", {flag_changes} flag updates"
         if self.job.delete_after_verify:
             line += (f", {deletable} verified to delete from the source "
