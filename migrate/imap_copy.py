@@ -296,7 +296,17 @@ class ImapCopy(JobRunner):
             # stopped before verifying, or failed verification) is checked, never
             # appended a second time: at most one copy per source message.
             known = [r for r in here if r.state in (State.COPIED, State.FAILED)
-                     and r.destination_uid and r.destination_uidvalidity == dsel.uidvalidity]
+                     and r.destination_uid and r.sha256
+                     and r.destination_uidvalidity == dsel.uidvalidity]
+            # 'copied' without a usable copy (the destination folder was re-created
+            # since): copied again below, after the duplicate check finds what is there
+            known_ids = {r.id for r in known}
+            lost = [r for r in here if r.state == State.COPIED and r.id not in known_ids]
+            self.store.transition(State.FAILED, [
+                {"id": r.id, "destination_uid": None,
+                 "last_error": "the copy is unknown at the destination"} for r in lost])
+            for r in lost:
+                r.state, r.destination_uid = State.FAILED, None
             if known:
                 self._check_known_copies(dst, dsel, fr, known, by_uid, progress)
         pending = sorted((r for r in here if r.state in (State.SEEN, State.APPENDING,
@@ -732,10 +742,7 @@ class ImapCopy(JobRunner):
         """Rows with a copy at the destination from an earlier run (not yet verified, or
         verification failed): check that copy instead of appending another."""
         ctx = _FolderCopy(None, dst, fr, dsel, by_uid, {}, set())
-        usable = [r for r in rows if r.sha256]
-        for r in rows:
-            if not r.sha256:  # no hash recorded: nothing to compare with; copy again
-                r.destination_uid = None
+        usable = rows
         moved = [{"id": r.id} for r in usable if r.state == State.FAILED]
         self.store.transition(State.COPIED, moved)
         for r in usable:

@@ -281,3 +281,25 @@ def test_messages_another_client_expunged_are_not_counted_as_deleted(
     assert result.counts.get("deleted") == len(msgs) - 2, (result.counts, result.warnings)
     assert result.counts["vanished"] == 2
     assert hashes(new_account, "INBOX") == collections.Counter(m.sha256 for m in msgs)
+
+
+def test_unverified_copies_in_a_recreated_destination_folder_are_found_again(
+        old_account, new_account, tmp_path):
+    """Rows left 'copied' (a run stopped between APPEND and verification) whose destination
+    folder got a new UIDVALIDITY since: no state conflict, no second copy."""
+    import sqlite3
+
+    msgs = [m for m in small_mailbox(count=36, seed=83) if m.folder == "INBOX"]
+    mailgen.fill(old_account, msgs)
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)])
+    assert run(path).ok
+    db = sqlite3.connect(tmp_path / "mailmigrate.db")
+    with db:
+        db.execute("UPDATE messages SET state = 'copied'")
+    db.close()
+    new_account.server.doveadm("mailbox", "update", "-u", new_account.username,
+                               "--uid-validity", "888", "INBOX")
+    result = run(path)
+    assert result.ok, result.errors
+    assert result.counts.get("copied", 0) == 0 and result.counts["skipped"] == len(msgs)
+    assert hashes(new_account, "INBOX") == collections.Counter(m.sha256 for m in msgs)
