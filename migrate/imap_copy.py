@@ -25,7 +25,7 @@ from .config import Job
 from .deletion import LookedAgain
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
 from .results import plural
-from .runner import JobRunner, Progress, RunOptions, retrying
+from .runner import JobRunner, Progress, RunOptions, over_quota, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State
@@ -638,7 +638,12 @@ class ImapCopy(JobRunner):
         self.store.apply([
             (State.COPIED, [{"id": r.id, "destination_uidvalidity": dsel.uidvalidity,
                              "destination_uid": with_uid[r.id]} for r in copied], False),
-            (State.FAILED, [{"id": r.id, "last_error": why} for r, why in failures], True),
+            # a full destination is not the message's fault: it does not count towards
+            # quarantine, or raising the quota would leave those messages behind
+            (State.FAILED, [{"id": r.id, "last_error": why} for r, why in failures
+                            if not over_quota(why)], True),
+            (State.FAILED, [{"id": r.id, "last_error": why} for r, why in failures
+                            if over_quota(why)], False),
         ])
         for r in copied:
             r.state, r.destination_uid = State.COPIED, with_uid[r.id]

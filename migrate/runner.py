@@ -31,6 +31,11 @@ log = logging.getLogger("migrate")
 _OVER_QUOTA = re.compile(r"\[OVERQUOTA\]|\bquota\b", re.IGNORECASE)
 
 
+def over_quota(text: str) -> bool:
+    """Is this refusal the destination being full (not the message's own fault)?"""
+    return bool(_OVER_QUOTA.search(text))
+
+
 @dataclass
 class RunOptions:
     dry_run: bool = False
@@ -117,7 +122,7 @@ class JobRunner:
             self.result.errors.append(text)
             self._errors += 1
             if self._halted is None:
-                if _OVER_QUOTA.search(text):
+                if over_quota(text):
                     halt = ("the destination is over quota; this job stopped copying (make "
                             "room or raise the quota, then run it again)")
                 elif (self.options.max_errors is not None

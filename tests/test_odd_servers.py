@@ -185,3 +185,20 @@ def test_refused_keyword_does_not_block_deletion_in_a_later_run(pair, tmp_path):
     assert result.ok, result.errors
     assert result.counts["deleted"] == len(bodies) and source.messages("INBOX") == []
     assert bodies_at(destination) == sorted(bodies)
+
+
+def test_over_quota_runs_do_not_quarantine_messages(pair, tmp_path):
+    """Cron keeps running while the destination is full: once the quota is raised, every
+    message is copied - none was quarantined for the destination's fault."""
+    source, destination = pair
+    destination.reject_append = lambda body, flags: "[OVERQUOTA] Quota exceeded"
+    bodies = fill(source)
+    path = config(tmp_path, source, destination)
+    for _ in range(4):
+        result = run(path)
+        assert not result.ok and not result.counts.get("quarantined")
+    destination.reject_append = None
+    result = run(path)
+    assert result.ok, result.errors
+    assert result.counts["copied"] == len(bodies)
+    assert bodies_at(destination) == sorted(bodies)
