@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import os
 import signal
@@ -14,9 +16,11 @@ from collections.abc import Sequence
 from . import __version__
 from . import config as config_mod
 from .engine import exit_code, run_jobs
-from .results import JobResult, total_line
+from .results import JobResult, run_document, total_line
 from .runner import RunOptions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError
+
+log = logging.getLogger("migrate")
 
 EPILOG = """exit codes: 0 everything done; 1 something failed (details above the summary);
 2 configuration error or refused for safety; 3 a job was already running (only when no
@@ -51,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-mb", type=float, default=4.0, help=argparse.SUPPRESS)
     run.add_argument("-v", "--verbose", action="count", default=0,
                      help="log what happens to stderr (-vv: also every batch, tracebacks)")
+    run.add_argument("--json", action="store_true",
+                     help="print one JSON document (schema mailmigrate.run/1) on stdout "
+                          "at the end instead of the summary lines")
+    run.add_argument("--log-file", metavar="FILE",
+                     help="also append a timestamped log to FILE (what -v shows; -vv: "
+                          "also every batch)")
 
     check = sub.add_parser("check-config", help="validate the config file and exit")
     check.add_argument("-c", "--config", required=True)
@@ -61,12 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
     unbind.add_argument("mailbox", metavar="MAILBOX", help="the username, e.g. alice@old.example")
     unbind.add_argument("-c", "--config", required=True)
     unbind.add_argument("--host", help="the server, when the username is bound on several")
+
+    status = sub.add_parser(
+        "status", help="what the state database says about each job (read-only)")
+    status.add_argument("-c", "--config", required=True)
+    status.add_argument("--job", action="append", metavar="NAME",
+                        help="only this job (repeatable)")
+    status.add_argument("--json", action="store_true",
+                        help="one JSON document (schema mailmigrate.status/1)")
+
+    failed = sub.add_parser(
+        "failed", help="list every failed or quarantined message (read-only)")
+    failed.add_argument("-c", "--config", required=True)
+    failed.add_argument("--job", action="append", metavar="NAME",
+                        help="only this job (repeatable)")
+    failed.add_argument("--json", action="store_true",
+                        help="one JSON document (schema mailmigrate.failed/1)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(getattr(args, "verbose", 0))
+    try:
+        _setup_logging(getattr(args, "verbose", 0), getattr(args, "log_file", None))
+    except OSError as exc:
+        print(f"mailmigrate: error: cannot open --log-file {args.log_file}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_REFUSED
     try:
         if args.command == "run":
             return _run(args)
@@ -77,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "unbind":
             return _unbind(args)
+        if args.command in ("status", "failed"):
+            return _report(args)
     except MigrateError as exc:
         print(f"mailmigrate: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -105,29 +138,47 @@ def _run(args) -> int:
     stopper = StopOnSignal(options.stop)
     stopper.install()
     started = time.monotonic()
+    log.info("run started: config %s, jobs %s%s", args.config,
+             ", ".join(args.job or [j.name for j in cfg.jobs]),
+             " (dry run)" if args.dry_run else "", extra={"file_only": True})
     try:
-        results = run_jobs(cfg, args.job, options, on_result=_show)
+        results = run_jobs(cfg, args.job, options,
+                           on_result=lambda r: _show(r, summary=not args.json))
     finally:
         stopper.uninstall()
+    elapsed = time.monotonic() - started
+    code = 128 + stopper.signum if stopper.signum is not None else exit_code(results)
+    if args.json:
+        document = run_document(results, elapsed, code, _now())
+        print(json.dumps(document, ensure_ascii=False, indent=2), flush=True)
+    elif len(results) > 1:
+        print(total_line(results, elapsed), flush=True)
     if len(results) > 1:
-        print(total_line(results, time.monotonic() - started), flush=True)
-    if stopper.signum is not None:
-        return 128 + stopper.signum
-    return exit_code(results)
+        log.info("%s", total_line(results, elapsed), extra={"file_only": True})
+    log.info("run ended: exit code %d", code, extra={"file_only": True})
+    return code
 
 
-def _show(r: JobResult) -> None:
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _show(r: JobResult, summary: bool = True) -> None:
     """One finished job: its plan, warnings and errors, then its summary line - printed
-    as soon as the job is done, so cron mail has it even if a later job hangs."""
-    for line in r.plan:
-        print(f"{r.job}: {line}")
-    sys.stdout.flush()
+    as soon as the job is done, so cron mail has it even if a later job hangs.  With
+    --json only the warnings and errors (stderr): stdout carries the document alone."""
+    if summary:
+        for line in r.plan:
+            print(f"{r.job}: {line}")
+        sys.stdout.flush()
     for w in r.warnings:
         print(f"mailmigrate: warning: {r.job}: {w}", file=sys.stderr)
     for e in r.error_lines():
         print(f"mailmigrate: error: {r.job}: {e}", file=sys.stderr)
     sys.stderr.flush()
-    print(r.summary_line(), flush=True)
+    if summary:
+        print(r.summary_line(), flush=True)
+    log.info("%s", r.summary_line(), extra={"file_only": True})
 
 
 class StopOnSignal:
@@ -190,19 +241,71 @@ def _unbind(args) -> int:
         store.close()
 
 
-def _setup_logging(verbose: int) -> None:
+def _report(args) -> int:
+    """status / failed: read the state database, never create or change it."""
+    from . import status
+    from .store import Store, sqlite_file
+
+    cfg = config_mod.load(args.config)
+    names = args.job or [j.name for j in cfg.jobs]
+    for name in names:
+        cfg.job(name)  # unknown names are a config error
+    database = sqlite_file(cfg.state_url) or config_mod.redact_url(cfg.state_url)
+    store = Store.open_existing(cfg.state_url)
+    try:
+        if args.command == "status":
+            document = status.status_document(cfg, store, names, database)
+            if args.json:
+                print(json.dumps(document, ensure_ascii=False, indent=2))
+            else:
+                print("\n".join(status.status_text(document)))
+            return EXIT_OK
+        rows = status.failed_rows(store, names)
+        if args.json:
+            print(json.dumps({"schema": status.FAILED_SCHEMA, "generated_at": _now(),
+                              "messages": list(rows)}, ensure_ascii=False, indent=2))
+        elif store is None:
+            print(f"no runs yet (state database {database} does not exist)")
+        else:
+            print("\n".join(status.failed_text(rows)))
+        return EXIT_OK
+    finally:
+        if store is not None:
+            store.close()
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+# the pid tells apart overlapping runs appending to one file
+FILE_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
+
+
+def _setup_logging(verbose: int, log_file: str | None = None) -> None:
     """Warnings and errors always reach stderr; -v adds what happens, -vv every batch
-    and the traceback of an unexpected error."""
+    and the traceback of an unexpected error.  --log-file appends what -v shows (-vv:
+    what -vv shows) to a file, with timestamps, whatever stderr gets."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
     if verbose:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     else:
         handler.setFormatter(_PlainFormatter())
         # a job's own warnings and errors are printed once, right before its summary
         handler.addFilter(lambda record: not getattr(record, "reported", False))
+    # summary lines and run start/end: stdout has them already
+    handler.addFilter(lambda record: not getattr(record, "file_only", False))
+    handlers: list[logging.Handler] = [handler]
+    if log_file:
+        # append, never truncate: safe to keep for weeks; rotate with copytruncate
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler.setLevel(min(level, logging.INFO))
+        file_handler.setFormatter(logging.Formatter(FILE_LOG_FORMAT))
+        handlers.append(file_handler)
+        level = min(level, logging.INFO)
     root = logging.getLogger("migrate")
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = handlers
     root.setLevel(level)
     root.propagate = False
 

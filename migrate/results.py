@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .config import IMAP_COPY
-from .errors import EXIT_LOCKED, EXIT_OK, EXIT_REFUSED
+from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED
 
 
 def plural(n: int, singular: str, plural_form: str | None = None) -> str:
@@ -25,24 +25,31 @@ _VARYING = re.compile(r"<[^<>\s]*>|\b\d+\b")
 EXAMPLES_PER_PATTERN = 3
 
 
-def group_errors(texts: Sequence[str]) -> list[str]:
-    """One line per distinct error pattern (numbers and Message-IDs normalised), in order
-    of first appearance: the first example in full, with the count and up to two more
-    examples when it repeats.  One over-quota destination must not print 1,314 lines."""
-    groups: dict[str, list[str]] = {}
-    counts: dict[str, int] = {}
-    for text in texts:
+def error_groups(texts: Sequence[str], weights: Sequence[int] | None = None) -> list[dict]:
+    """Errors grouped by pattern (numbers and Message-IDs normalised to ``#``), in order of
+    first appearance: {"pattern", "count", "examples"} with up to three examples.
+    ``weights``: how many times each text occurred (default: once each)."""
+    groups: dict[str, dict] = {}
+    for i, text in enumerate(texts):
         key = _VARYING.sub("#", text)
-        examples = groups.setdefault(key, [])
-        counts[key] = counts.get(key, 0) + 1
-        if len(examples) < EXAMPLES_PER_PATTERN:
-            examples.append(text)
+        group = groups.setdefault(key, {"pattern": key, "count": 0, "examples": []})
+        group["count"] += weights[i] if weights is not None else 1
+        if len(group["examples"]) < EXAMPLES_PER_PATTERN:
+            group["examples"].append(text)
+    return list(groups.values())
+
+
+def group_errors(texts: Sequence[str]) -> list[str]:
+    """One line per distinct error pattern, in order of first appearance: the first
+    example in full, with the count and up to two more examples when it repeats.  One
+    over-quota destination must not print 1,314 lines."""
     lines = []
-    for key, examples in groups.items():
-        if counts[key] == 1:
+    for group in error_groups(texts):
+        examples = group["examples"]
+        if group["count"] == 1:
             lines.append(examples[0])
             continue
-        line = f"{examples[0]} [{counts[key]} errors like this"
+        line = f"{examples[0]} [{group['count']} errors like this"
         if len(examples) > 1:
             line += "; more examples: " + " | ".join(examples[1:])
         lines.append(line + "]")
@@ -140,3 +147,54 @@ def total_line(results: Sequence[JobResult], elapsed: float) -> str:
     mb = totals.get("bytes", 0) / 1e6
     return head + ": " + ", ".join(count_parts(None, totals)) + f", {mb:.1f} MB in " \
         f"{elapsed:.1f} s"
+
+
+RUN_SCHEMA = "mailmigrate.run/1"
+
+
+def outcome(r: JobResult) -> str:
+    """One word for how a job ended: ok, failed, refused, locked, interrupted, not started."""
+    if not r.started:
+        return "not started"
+    if r.exit_code == EXIT_LOCKED:
+        return "locked"
+    if r.exit_code == EXIT_REFUSED:
+        return "refused"
+    if r.interrupted:
+        return "interrupted"
+    if not r.ok or r.exit_code != EXIT_OK:
+        return "failed"
+    return "ok"
+
+
+def run_document(results: Sequence[JobResult], elapsed: float, code: int,
+                 generated_at: str) -> dict:
+    """``run --json``: the whole run as one JSON-ready document (README: schema
+    mailmigrate.run/1).  Counters absent from a job are 0, so every key is always there."""
+    counter_names = ("folders", "copied", "skipped", "flags_updated", "deleted", "failed",
+                     "quarantined", "failed_folders", "vanished")
+    dry_names = ("would_copy", "would_copy_bytes", "would_delete")
+    jobs = []
+    totals = dict.fromkeys(counter_names, 0)
+    totals_bytes = 0
+    outcomes: dict[str, int] = {}
+    for r in results:
+        names = counter_names + (dry_names if r.dry_run else ())
+        counts = {k: int(r.counts.get(k, 0)) for k in names}
+        for k in counter_names:
+            totals[k] += counts[k]
+        totals_bytes += int(r.counts.get("bytes", 0))
+        word = outcome(r)
+        outcomes[word] = outcomes.get(word, 0) + 1
+        job = {"name": r.job, "kind": r.kind, "dry_run": r.dry_run, "outcome": word,
+               "exit_code": r.exit_code if r.exit_code != EXIT_OK or r.ok else EXIT_FAILED,
+               "counts": counts, "bytes": int(r.counts.get("bytes", 0)),
+               "seconds": round(r.elapsed, 3), "errors": error_groups(r.errors),
+               "warnings": list(r.warnings)}
+        if r.dry_run:
+            job["plan"] = list(r.plan)
+        jobs.append(job)
+    return {"schema": RUN_SCHEMA, "generated_at": generated_at, "exit_code": code,
+            "jobs": jobs,
+            "totals": {"jobs": len(results), "outcomes": outcomes, "counts": totals,
+                       "bytes": totals_bytes, "seconds": round(elapsed, 3)}}

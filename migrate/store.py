@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from sqlalchemy import (
     BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String,
     Table, Text, TypeDecorator, UniqueConstraint, bindparam, create_engine, event,
-    insert, or_, select, update,
+    func, insert, or_, select, update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
@@ -32,7 +32,7 @@ from .config import redact_url
 from .errors import ConfigError, JobLocked, SafetyError, StateError
 from .states import State, sources_of
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Clock = Callable[[], dt.datetime]
 
@@ -169,7 +169,9 @@ messages = Table(
     Column("verified_at", UTCDateTime),
     Column("deleted_at", UTCDateTime),
     UniqueConstraint("folder_id", "source_key", name="uq_message"),
-    Index("ix_messages_folder_state", "folder_id", "state"),
+    # size too: `mailmigrate status` sums messages and bytes by state from the index
+    # alone, without reading the table (schema 3; it replaced (folder_id, state))
+    Index("ix_messages_folder_state_size", "folder_id", "state", "size"),
 )
 
 
@@ -230,7 +232,7 @@ def flags_from_text(text: str | None) -> frozenset[str]:
 
 
 class Store:
-    def __init__(self, url: str, clock: Clock = utc_now):
+    def __init__(self, url: str, clock: Clock = utc_now, *, _create: bool = True):
         self.url = url
         self.clock = clock
         self.engine = _make_engine(url)
@@ -238,7 +240,40 @@ class Store:
         # instead of in SQLite's busy handler, which sleeps in steps of up to 100 ms.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" \
             else contextlib.nullcontext()
-        self._open()
+        if _create:
+            self._open()
+
+    @classmethod
+    def open_existing(cls, url: str) -> Store | None:
+        """For the read-only commands (status, failed): the state database as it is, or
+        None when there is none yet.  Creates nothing, upgrades nothing, writes nothing."""
+        database = sqlite_file(url)
+        if database is not None and not os.path.exists(database):
+            return None  # connecting would create the file
+        store = cls(url, _create=False)
+        try:
+            with store.engine.connect() as conn:
+                if not store.engine.dialect.has_table(conn, "meta"):
+                    store.close()
+                    return None
+                row = conn.execute(
+                    select(meta.c.value).where(meta.c.key == "schema_version")).first()
+        except DBAPIError as exc:
+            store.close()
+            raise StateError(f"cannot read state database {store.safe_url}: {exc.orig}") \
+                from None
+        version = int(row[0]) if row else SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            store.close()
+            raise StateError(
+                f"state database {store.safe_url} has schema version {version}, but this "
+                f"mailmigrate understands up to {SCHEMA_VERSION}; upgrade mailmigrate")
+        if version < 2:
+            store.close()
+            raise StateError(
+                f"state database {store.safe_url} has schema version {version} (an older "
+                "mailmigrate); the next `mailmigrate run` upgrades it")
+        return store
 
     @contextlib.contextmanager
     def _write(self):
@@ -509,6 +544,95 @@ class Store:
             return [dict(r._mapping) for r in conn.execute(
                 select(runs).where(runs.c.job_id == job_id).order_by(runs.c.id))]
 
+    # --- read-only views (status, failed) ----------------------------------------
+
+    def job_overview(self, name: str) -> dict | None:
+        """A job as recorded: id, kind, and the mailbox it is bound to (or None)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(jobs.c.id, jobs.c.kind, jobs.c.deletes, mailboxes.c.host,
+                       mailboxes.c.username, mailboxes.c.protocol)
+                .select_from(jobs.outerjoin(mailboxes, mailboxes.c.id == jobs.c.mailbox_id))
+                .where(jobs.c.name == name)).first()
+        if row is None:
+            return None
+        binding = None if row.protocol is None else {
+            "protocol": row.protocol, "server": row.host, "username": row.username}
+        return {"id": row.id, "kind": row.kind, "deletes": bool(row.deletes),
+                "binding": binding}
+
+    def last_runs(self, job_id: int) -> tuple[dict | None, dict | None]:
+        """The newest run of a job, and the newest one still marked ``running``."""
+        with self.engine.connect() as conn:
+            last = conn.execute(select(runs).where(runs.c.job_id == job_id)
+                                .order_by(runs.c.id.desc()).limit(1)).first()
+            running = conn.execute(select(runs).where(runs.c.job_id == job_id,
+                                                      runs.c.outcome == "running")
+                                   .order_by(runs.c.id.desc()).limit(1)).first()
+        return (dict(last._mapping) if last else None,
+                dict(running._mapping) if running else None)
+
+    def state_totals(self, job_id: int) -> dict[str, tuple[int, int]]:
+        """state → (messages, bytes) over all folders of a job: one aggregate query that
+        the (folder_id, state, size) index answers without reading the table."""
+        folder_ids = select(folders.c.id).where(folders.c.job_id == job_id)
+        totals: dict[str, tuple[int, int]] = {}
+        with self.engine.connect() as conn:
+            for state, n, size in conn.execute(
+                    select(messages.c.state, func.count(), func.coalesce(
+                        func.sum(messages.c.size), 0))
+                    .where(messages.c.folder_id.in_(folder_ids))
+                    .group_by(messages.c.folder_id, messages.c.state)):
+                count, total = totals.get(state, (0, 0))
+                totals[state] = (count + int(n), total + int(size))
+        return totals
+
+    def error_texts(self, job_id: int, limit: int = 500) -> list[tuple[str, int]]:
+        """The last errors of this job's failed and quarantined messages, each distinct
+        text with how many messages have it, most frequent first."""
+        folder_ids = select(folders.c.id).where(folders.c.job_id == job_id)
+        n = func.count().label("n")
+        with self.engine.connect() as conn:
+            return [(text or "(no error recorded)", int(count)) for text, count in conn.execute(
+                select(messages.c.last_error, n)
+                .where(messages.c.folder_id.in_(folder_ids),
+                       messages.c.state.in_([str(State.FAILED), str(State.QUARANTINED)]))
+                .group_by(messages.c.last_error).order_by(n.desc()).limit(limit))]
+
+    def problem_messages(self, job_names: Sequence[str]) -> Iterable[dict]:
+        """Every failed or quarantined message of these jobs, by job, folder and source
+        key, one row at a time (there may be many)."""
+        q = (select(jobs.c.name.label("job"), folders.c.source_name.label("folder"),
+                    messages.c.source_key, messages.c.source_uid, messages.c.size,
+                    messages.c.message_id, messages.c.attempts, messages.c.state,
+                    messages.c.last_error, messages.c.updated_at)
+             .select_from(messages.join(folders, folders.c.id == messages.c.folder_id)
+                          .join(jobs, jobs.c.id == folders.c.job_id))
+             .where(jobs.c.name.in_(list(job_names)),
+                    messages.c.state.in_([str(State.FAILED), str(State.QUARANTINED)]))
+             .order_by(jobs.c.name, folders.c.source_name, messages.c.source_uid,
+                       messages.c.source_key))
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(stream_results=True).execute(q):
+                yield dict(row._mapping)
+
+    def job_is_running(self, job_name: str) -> bool:
+        """Does a run hold this job's lock right now?  Looked up without taking the lock:
+        even a moment's hold could make a run starting then exit with "already running"."""
+        if self.engine.dialect.name == "postgresql":
+            key = _advisory_key(job_name)
+            with self.engine.connect() as conn:
+                return bool(conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database()) "
+                    "AND classid::bigint = %s AND objid::bigint = %s",
+                    (key >> 32, key & 0xFFFFFFFF)).scalar())
+        database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
+        if not database or database == ":memory:":
+            return False
+        return flock_held(f"{database}.{job_name}.lock")
+
     # --- folders -----------------------------------------------------------------
 
     def folder(self, job_id: int, source_name: str) -> FolderRow | None:
@@ -700,6 +824,30 @@ def sqlite_file(url: str) -> str | None:
     return parsed.database
 
 
+def flock_held(path: str) -> bool:
+    """Is an flock held on this file?  Linux lists every lock in /proc/locks (read, not
+    taken); elsewhere a shared lock is tried for a moment and released."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False  # no run of this job ever took its lock here
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == ident
+                       for fields in (line.split() for line in f))
+    except OSError:
+        pass
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _holder_text() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
 
@@ -742,6 +890,10 @@ def _upgrade(conn, version: int) -> None:
                                        mailboxes.c.username)).all():
             conn.execute(insert(mailbox_aliases).values(
                 mailbox_id=row.id, username=row.username, alias=f"name:{row.host}"))
+    if version < 3:
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_messages_folder_state_size "
+                             "ON messages (folder_id, state, size)")
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_messages_folder_state")
     conn.execute(update(meta).where(meta.c.key == "schema_version")
                  .values(value=str(SCHEMA_VERSION)))
 

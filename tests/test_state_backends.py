@@ -118,6 +118,6 @@ def test_hosts_starting_at_once_create_the_schema_once(pg_url):
     for t in threads:
         t.join()
     assert errors == []
-    assert {s.schema_version() for s in stores} == {2}
+    assert {s.schema_version() for s in stores} == {3}
     for s in stores:
         s.close()

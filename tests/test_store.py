@@ -51,7 +51,7 @@ def test_newer_schema_is_refused(tmp_path):
         conn.execute(text("UPDATE meta SET value = '99' WHERE key = 'schema_version'"))
     eng.dispose()
     with pytest.raises(StateError, match="has schema version 99, but this mailmigrate "
-                                         "understands up to 2; upgrade mailmigrate"):
+                                         "understands up to 3; upgrade mailmigrate"):
         Store(url)
 
 
@@ -227,7 +227,7 @@ def test_version_1_database_is_upgraded_and_keeps_its_bindings(tmp_path):
     db.close()
     store = Store(f"sqlite:///{path}")
     try:
-        assert store.schema_version() == 2
+        assert store.schema_version() == 3
         (row,) = store.messages(1).values()
         assert row.state == State.VERIFIED and row.destination_size is None
         with pytest.raises(SafetyError, match="bound to IMAP by job 'alice'"):

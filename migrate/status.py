@@ -1,0 +1,157 @@
+"""What the state database says: ``mailmigrate status`` and ``mailmigrate failed``.
+
+Read-only: it opens an existing state database (never creates or upgrades one), runs a
+few aggregate queries per job and renders them as text or as a JSON document.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from collections.abc import Iterable, Sequence
+
+from .config import Config
+from .results import error_groups, plural
+from .states import AT_DESTINATION, State
+from .store import Store
+
+STATUS_SCHEMA = "mailmigrate.status/1"
+FAILED_SCHEMA = "mailmigrate.failed/1"
+TOP_ERRORS = 5
+RUN_FIELDS = ("folders", "copied", "skipped", "flags_updated", "deleted", "failed",
+              "vanished", "quarantined", "bytes")
+
+
+def now_text() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _when(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def _run(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    return {"started_at": _when(row["started_at"]), "ended_at": _when(row["ended_at"]),
+            "outcome": row["outcome"], "dry_run": bool(row["dry_run"]),
+            "host": row["hostname"], "pid": row["pid"],
+            "counts": {k: int(row[k] or 0) for k in RUN_FIELDS}, "error": row["error"]}
+
+
+def job_status(store: Store | None, name: str, kind: str) -> dict:
+    """One job: last run, messages by state, binding, whether a run holds it now, and
+    its most frequent errors."""
+    doc = {"name": name, "kind": kind, "recorded": False, "last_run": None,
+           "messages": {s.value: 0 for s in State},
+           "bytes": {s.value: 0 for s in State}, "bytes_verified": 0, "binding": None,
+           "running": False, "running_run": None, "top_errors": []}
+    if store is None:
+        return doc
+    doc["running"] = store.job_is_running(name)
+    job = store.job_overview(name)
+    if job is None:
+        return doc
+    doc["recorded"] = True
+    doc["binding"] = job["binding"]
+    last, running = store.last_runs(job["id"])
+    doc["last_run"] = _run(last)
+    doc["running_run"] = _run(running)
+    for state, (count, size) in store.state_totals(job["id"]).items():
+        doc["messages"][state] = count
+        doc["bytes"][state] = size
+    doc["bytes_verified"] = sum(doc["bytes"][s.value] for s in AT_DESTINATION)
+    texts = store.error_texts(job["id"])
+    groups = error_groups([t for t, _ in texts], [n for _, n in texts])
+    groups.sort(key=lambda g: -g["count"])  # stable: ties keep the order of frequency
+    doc["top_errors"] = groups[:TOP_ERRORS]
+    return doc
+
+
+def status_document(config: Config, store: Store | None, names: Sequence[str] | None,
+                    database: str) -> dict:
+    jobs = [config.job(n) for n in names] if names else list(config.jobs)
+    return {"schema": STATUS_SCHEMA, "generated_at": now_text(), "state_database": database,
+            "database_exists": store is not None,
+            "jobs": [job_status(store, j.name, j.kind) for j in jobs]}
+
+
+def status_text(doc: dict) -> list[str]:
+    if not doc["database_exists"]:
+        return [f"no runs yet (state database {doc['state_database']} does not exist)"]
+    lines = []
+    for job in doc["jobs"]:
+        head = f"{job['name']} ({job['kind']})"
+        if not job["recorded"]:
+            lines.append(f"{head}: no runs yet")
+            continue
+        lines.append(f"{head}:")
+        lines.append("  last run:    " + _run_text(job["last_run"]))
+        lines.append("  running now: " + _running_text(job))
+        m = job["messages"]
+        parts = [f"{m[s]} {s}" for s in ("seen", "verified", "deleted", "failed",
+                                         "quarantined", "vanished")]
+        parts += [f"{m[s]} {s}" for s in ("appending", "copied", "deleting") if m[s]]
+        lines.append("  messages:    " + ", ".join(parts)
+                     + f"; {job['bytes_verified'] / 1e6:.1f} MB verified at the destination")
+        b = job["binding"]
+        lines.append("  mailbox:     " + (f"{b['username']} at {b['server']}, bound to "
+                                          f"{b['protocol'].upper()}" if b else "not bound yet"))
+        if job["top_errors"]:
+            lines.append("  most frequent errors of failed and quarantined messages:")
+            for g in job["top_errors"]:
+                lines.append(f"    {g['count']} × {g['examples'][0]}")
+    return lines
+
+
+def _run_text(run: dict | None) -> str:
+    if run is None:
+        return "none"
+    c = run["counts"]
+    ended = run["ended_at"] or "-"
+    text = (f"{run['started_at']} → {ended}, {run['outcome']}"
+            + (" (dry run)" if run["dry_run"] else "")
+            + f": {c['copied']} copied or archived, {c['skipped']} skipped, "
+              f"{c['deleted']} deleted, {c['failed']} failed, {c['bytes'] / 1e6:.1f} MB")
+    return text
+
+
+def _running_text(job: dict) -> str:
+    row = job["running_run"]
+    if job["running"]:
+        where = f" (pid {row['pid']} on {row['host']}, since {row['started_at']})" if row \
+            else ""
+        return "yes" + where
+    if row is not None:
+        here = " on this host" if row["host"] == socket.gethostname() else ""
+        return (f"no (a run of pid {row['pid']} on {row['host']} started "
+                f"{row['started_at']} is still marked running but holds no lock{here}: "
+                "it was killed; the next run records it as aborted)")
+    return "no"
+
+
+def failed_rows(store: Store | None, names: Iterable[str]) -> Iterable[dict]:
+    if store is None:
+        return
+    for row in store.problem_messages(list(names)):
+        yield {"job": row["job"], "folder": row["folder"], "source_key": row["source_key"],
+               "uid": row["source_uid"], "size": int(row["size"]),
+               "message_id": row["message_id"], "attempts": int(row["attempts"]),
+               "state": row["state"], "last_error": row["last_error"],
+               "updated_at": _when(row["updated_at"])}
+
+
+def failed_text(rows: Iterable[dict]) -> list[str]:
+    """A table, one message a line, columns aligned; the last error comes last, whole."""
+    header = ("JOB", "FOLDER", "UID/UIDL", "SIZE", "MESSAGE-ID", "ATTEMPTS", "STATE",
+              "LAST ERROR")
+    table = [header] + [tuple(str(v) for v in (
+        r["job"], r["folder"], r["source_key"], r["size"], r["message_id"] or "-",
+        r["attempts"], r["state"], " ".join((r["last_error"] or "-").split())))
+        for r in rows]
+    if len(table) == 1:
+        return ["no failed or quarantined messages"]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+             for row in table]
+    return lines + [plural(len(table) - 1, "failed or quarantined message")]
