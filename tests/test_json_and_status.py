@@ -8,7 +8,9 @@ import json
 import random
 import re
 
-from migrate.errors import EXIT_FAILED, EXIT_OK
+import pytest
+
+from migrate.errors import EXIT_FAILED, EXIT_OK, JobLocked
 from migrate.states import State
 from migrate.store import SCHEMA_VERSION, Store
 from tests.rig import mailgen
@@ -166,9 +168,10 @@ password = "dst-secret-Pw"
 """
 
 
-def _config(tmp_path, *names):
+def _config(tmp_path, *names, state_url=None):
     path = tmp_path / "c.toml"
-    path.write_text("".join(CONFIG.format(name=n) for n in names))
+    head = f'[state]\nurl = "{state_url}"\n' if state_url else ""
+    path.write_text(head + "".join(CONFIG.format(name=n) for n in names))
     return path
 
 
@@ -234,6 +237,28 @@ def test_status_groups_errors_and_sees_a_run_in_progress(tmp_path):
     finally:
         store.finish_run(run_id, "ok", {})
         store.close()
+
+
+def test_status_on_postgresql_sees_the_advisory_lock_without_taking_it(pg_url, tmp_path):
+    path = _config(tmp_path, "alice", state_url=pg_url)
+    empty = json.loads(run_cli("status", "-c", str(path), "--json").stdout)
+    assert empty["database_exists"] is False  # an empty database: no schema created
+    store = Store(pg_url)
+    try:
+        _fill(store, "alice", 3, ["message UID 9: connection lost"])
+        with store.job_lock("alice"):
+            proc = run_cli("status", "-c", str(path), "--json")
+            with pytest.raises(JobLocked):  # status neither took nor broke the lock
+                with store.job_lock("alice"):
+                    pass
+        after = json.loads(run_cli("status", "-c", str(path), "--json").stdout)["jobs"][0]
+    finally:
+        store.close()
+    assert proc.returncode == EXIT_OK, proc.stderr
+    job = json.loads(proc.stdout)["jobs"][0]
+    assert job["running"] is True and job["messages"]["verified"] == 3
+    assert job["top_errors"][0]["count"] == 1
+    assert after["running"] is False
 
 
 def test_schema_3_adds_the_status_index_to_an_older_database(tmp_path):
