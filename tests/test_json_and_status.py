@@ -81,6 +81,33 @@ def test_run_json_when_everything_is_fine_exits_0(old_account, new_account, tmp_
     assert doc["jobs"][0]["errors"] == [] and doc["totals"]["outcomes"] == {"ok": 1}
 
 
+def test_run_json_after_sigterm_exits_143_with_interrupted_and_not_started_jobs(
+        old_account, new_account, tmp_path):
+    import signal
+    import subprocess
+
+    from tests.rig.interrupt import start_cli, wait_for_copies
+
+    fill_many(old_account, 3000, seed=85)
+    path = write_config(tmp_path / "c.toml", [
+        imap_job("alice", old_account, new_account),
+        imap_job("bob", old_account, new_account, folders={"include": ["INBOX"]})])
+    proc = start_cli("run", "-c", str(path), "--json", "--batch-messages", "5")
+    wait_for_copies(proc, new_account)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("still copying 30 s after SIGTERM") from None
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    doc = json.loads(out)
+    assert doc["exit_code"] == 128 + signal.SIGTERM
+    assert [(j["name"], j["outcome"]) for j in doc["jobs"]] == [
+        ("alice", "interrupted"), ("bob", "not started")]
+    assert 0 < doc["jobs"][0]["counts"]["copied"] < 3000
+
+
 def test_log_file_has_timestamped_job_lines_appends_and_holds_no_secret(
         old_account, new_account, tmp_path):
     fill_many(old_account, 4, seed=83)
