@@ -20,8 +20,10 @@ def plural(n: int, singular: str, plural_form: str | None = None) -> str:
 
 
 # What varies between otherwise identical errors: Message-IDs, quoted sizes, UIDs and any
-# other number.  Folder names stay: the same error in two folders is two patterns.
-_VARYING = re.compile(r"<[^<>\s]*>|\b\d+\b")
+# other number, and a server's timing note (Dovecot: "(0.001 + 0.000 secs)", with a third
+# figure when it waited for a lock).  Folder names stay: the same error in two folders is
+# two patterns.
+_VARYING = re.compile(r"\(\d+(?:\.\d+)?(?: \+ \d+(?:\.\d+)?)* secs\)|<[^<>\s]*>|\b\d+\b")
 EXAMPLES_PER_PATTERN = 3
 
 

@@ -46,6 +46,16 @@ def test_repeated_errors_are_grouped_with_count_and_examples():
     assert lines[1] == "folder 'Sent': cannot select"
 
 
+def test_server_timing_notes_do_not_split_a_group():
+    """Dovecot appends "(0.001 + 0.000 secs)" to its answers, with a third figure when it
+    waited for a lock: the same refusal all the same."""
+    lines = group_errors([
+        "UID 1: [LIMIT] Mail size is larger (0.001 + 0.000 secs).",
+        "UID 2: [LIMIT] Mail size is larger (0.001 + 0.000 + 0.004 secs).",
+        "UID 3: [LIMIT] Mail size is larger (1 secs)."])
+    assert len(lines) == 1 and "[3 errors like this" in lines[0]
+
+
 def test_failed_job_is_not_hidden_by_a_locked_one(old_account, new_account, tmp_path):
     mailgen.fill(old_account, mailgen.realistic_mailbox(count=4, big=False, seed=30))
     bad = imap_job("bob", old_account, new_account)
