@@ -286,6 +286,26 @@ def test_xoauth2_login_where_only_xoauth2_is_offered(xoauth2_host, issuer, proto
     assert logins_in_log(xoauth2_host, account.username)[1:] == ["XOAUTH2"]
 
 
+def test_token_too_long_for_the_pop3_auth_line(login_host, issuer, tmp_path):
+    """RFC 5034: an initial response that would make AUTH longer than 255 octets is sent
+    after the server's empty challenge instead (access tokens are often JWTs of 1 KB)."""
+    account, msgs = mailbox(login_host, count=2)
+    command, _queue = issuer.token_command(tmp_path, account.username)
+    issuer.token_bytes = 600
+    try:
+        config = write_config(tmp_path / "c.toml", [archive_job(
+            token_source(account, command, "pop3"), tmp_path / "archive")])
+        result = run(config)
+        imap_source = cfg.parse({"jobs": [copy_job(token_source(account, command), account)]},
+                                base_dir=tmp_path).jobs[0].source
+        ImapSession.connect(imap_source).logout()  # IMAP sends it as a continuation
+    finally:
+        issuer.token_bytes = 24
+    assert result.ok, result.errors
+    assert len(archived(tmp_path / "archive")) == len(msgs)
+    assert max(len(t) for t in issuer.tokens) > 1000
+
+
 def test_expired_token_is_fetched_again(login_host, single_use_tokens, new_account, tmp_path):
     issuer = single_use_tokens
     account, msgs = mailbox(login_host)

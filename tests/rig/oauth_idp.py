@@ -36,6 +36,7 @@ class TokenIssuer:
     def __init__(self, lifetime: float = 300.0, max_uses: int | None = None):
         self.lifetime = lifetime
         self.max_uses = max_uses
+        self.token_bytes = 24  # random bytes in a token (hex-encoded: twice as many chars)
         self.grants: dict[str, Grant] = {}
         self.introspections: list[tuple[str, bool]] = []  # (username or "", active)
         self._lock = threading.Lock()
@@ -62,7 +63,7 @@ class TokenIssuer:
     # --- tokens ----------------------------------------------------------------------
 
     def issue(self, username: str) -> str:
-        token = "tok" + secrets.token_hex(24)
+        token = "tok" + secrets.token_hex(self.token_bytes)
         with self._lock:
             self.grants[token] = Grant(username, time.monotonic() + self.lifetime)
         return token
