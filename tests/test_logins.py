@@ -343,8 +343,8 @@ def test_token_refused_after_rerun_is_a_clear_error(login_host, issuer, tmp_path
         Pop3Session.connect(source)
     text = str(caught.value)
     assert f"POP3 login as {account.username}" in text
-    assert "the access token from oauth2_token_command was refused, also after running " \
-        "the command again" in text
+    assert ("the access token from oauth2_token_command was refused (OAuth status "
+            "invalid_token), also after running the command again") in text
     assert queue.read_text() == ""  # both planted tokens were tried, no third run
     assert not any(token in text for token in revoked)
 

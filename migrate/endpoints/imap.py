@@ -301,7 +301,7 @@ class ImapSession:
                     f"{_server_text(exc)}") from None
             raise MailboxError(
                 f"IMAP login as {login_who(endpoint)} at {where} failed: {_server_text(exc)}; "
-                f"{login_advice(endpoint)}") from None
+                f"{login_advice(endpoint, exc)}") from None
         except (OSError, IMAPClientAbortError) as exc:
             _close_quietly(client)
             raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \

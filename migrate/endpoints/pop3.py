@@ -107,7 +107,7 @@ class Pop3Session:
                     f"{_text(exc)}") from None
             raise MailboxError(
                 f"POP3 login as {login_who(endpoint)} at {where} failed: {_text(exc)}; "
-                f"{login_advice(endpoint)}") from None
+                f"{login_advice(endpoint, exc)}") from None
         except OSError as exc:
             _close_quietly(client)
             raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \

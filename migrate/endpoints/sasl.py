@@ -93,7 +93,9 @@ def login_with_token(endpoint: Endpoint, mechanism: str,
         try:
             authenticate(exchange)
             return exchange
-        except refused:
+        except refused as exc:
+            # the server's OAuth status, for the error (login_advice)
+            exc.oauth_status = exchange.error_status  # type: ignore[union-attr]
             if attempt == 2 or exchange.error_status is None:
                 raise
             log.info("%s at %s refused the access token (%s); running %s again",
@@ -101,15 +103,17 @@ def login_with_token(endpoint: Endpoint, mechanism: str,
     raise AssertionError("unreachable")
 
 
-def login_advice(endpoint: Endpoint) -> str:
+def login_advice(endpoint: Endpoint, exc: BaseException | None = None) -> str:
     """What to check after a refused login, by kind of login (never the secret)."""
     if endpoint.auth == "admin":
         return (f"check admin_user ({endpoint.admin_user}) and its password "
                 f"({endpoint.password.name}), that the server lets {endpoint.admin_user} "
                 f"log in on behalf of other users (a master user), and the username")
     if endpoint.auth == "oauth2":
-        return (f"the access token from {endpoint.password.name} was refused, also after "
-                "running the command again; check that the token is for username and "
+        status = getattr(exc, "oauth_status", None)
+        said = f" (OAuth status {status})" if status else ""
+        return (f"the access token from {endpoint.password.name} was refused{said}, also "
+                "after running the command again; check that the token is for username and "
                 "the mail scope, and that the command prints a current token")
     return "check the username (usually the full email address) and the password"
 
