@@ -231,8 +231,8 @@ def test_wrong_admin_password_names_admin_user(login_host, protocol, tmp_path):
 
 
 def all_output_and_state(result_texts: list[str], directory: Path) -> bytes:
-    """Everything a run showed or wrote: its output and every file of the config's
-    directory (config, SQLite database with its -wal/-shm, archive, lock files)."""
+    """Everything a run showed or wrote: its output (also --json) and every file of the
+    config's directory (config, SQLite database with its -wal/-shm, archive, log file)."""
     blobs = [t.encode() for t in result_texts]
     blobs += [p.read_bytes() for p in directory.rglob("*") if p.is_file()]
     return b"\n".join(blobs)
@@ -251,11 +251,13 @@ def test_oauthbearer_login_never_shows_the_token(login_host, issuer, new_account
            else archive_job(source, run_dir / "archive"))
     config = write_config(run_dir / "c.toml", [job])
     outputs = []
-    for _ in range(2):  # a first run, then an incremental one: several connections
-        proc = run_cli("run", "-c", str(config), "-vv", "--no-progress")
+    # a first run, then an incremental one (several connections), as JSON with a log file
+    for extra in ([], ["--json", "--log-file", str(run_dir / "run.log")]):
+        proc = run_cli("run", "-c", str(config), "-vv", "--no-progress", *extra)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         outputs += [proc.stdout, proc.stderr]
     assert f"{len(msgs)} {'copied' if protocol == 'imap' else 'archived'}" in outputs[0]
+    assert '"mailmigrate.run/1"' in outputs[2] and (run_dir / "run.log").stat().st_size
     # (the first login is the test's own, filling the mailbox)
     assert set(logins_in_log(login_host, account.username)[1:]) == {"OAUTHBEARER"}
     tokens = set(issuer.tokens) - before
