@@ -18,13 +18,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
+from .secrets import ADMIN_KINDS, TOKEN_COMMAND, PasswordSource
 from .secrets import KINDS as PASSWORD_KINDS
-from .secrets import PasswordSource
 
 IMAP_COPY = "imap-copy"
 POP3_ARCHIVE = "pop3-archive"
 JOB_KINDS = (IMAP_COPY, POP3_ARCHIVE)
 SECURITY_MODES = ("ssl", "starttls", "none")
+# "password": LOGIN / USER+PASS; "admin": SASL PLAIN as admin_user on behalf of username
+# (a master user); "oauth2": OAUTHBEARER / XOAUTH2 with a token from oauth2_token_command.
+AUTH_MODES = ("password", "admin", "oauth2")
 
 # protocol -> {security: default port}
 DEFAULT_PORTS = {
@@ -57,11 +60,15 @@ class Endpoint:
     port: int
     security: str
     username: str
+    # The secret sent at login: the mailbox's password (auth = "password"), the admin's
+    # password (auth = "admin") or the command printing an access token (auth = "oauth2").
     password: PasswordSource
     ca_file: Path | None = None
     allow_insecure: bool = False
     timeout: float = 60.0
     max_connections: int = 4
+    auth: str = "password"  # one of AUTH_MODES
+    admin_user: str | None = None  # auth = "admin": who logs in on behalf of username
 
     @property
     def mailbox_key(self) -> tuple[str, str]:
@@ -405,6 +412,7 @@ def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | No
 ENDPOINT_KEYS = {
     "host", "port", "security", "username", *PASSWORD_KINDS, "ca_file",
     "allow_insecure", "allow_short_username", "timeout", "max_connections",
+    "auth", "admin_user", *ADMIN_KINDS, TOKEN_COMMAND,
 }
 
 
@@ -482,7 +490,7 @@ def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
             "allow_short_username = true if this server really uses short names"
         )
 
-    password = _parse_password_source(v, raw, where, base_dir)
+    auth, admin_user, password = _parse_login(v, raw, where, base_dir)
 
     ca_file = None
     if "ca_file" in raw:
@@ -499,46 +507,116 @@ def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
     return Endpoint(
         protocol=protocol, host=host, port=port, security=security, username=username,
         password=password, ca_file=ca_file, allow_insecure=bool(allow_insecure),
-        timeout=float(timeout), max_connections=max_conn,
+        timeout=float(timeout), max_connections=max_conn, auth=auth, admin_user=admin_user,
     )
 
 
-def _parse_password_source(v, raw, where, base_dir) -> PasswordSource | None:
-    given = [k for k in PASSWORD_KINDS if k in raw]
+def _parse_login(v, raw, where, base_dir) -> tuple[str, str | None, PasswordSource | None]:
+    """(auth, admin_user, the secret to log in with) of an endpoint; each combination of
+    auth and secret keys that cannot work is an error naming the keys."""
+    user_keys = [k for k in PASSWORD_KINDS if k in raw]
+    admin_keys = [k for k in ADMIN_KINDS if k in raw]
+    token = TOKEN_COMMAND in raw
+    auth = _typed(v, raw, "auth", str, where,
+                  default="oauth2" if token and "auth" not in raw else "password")
+    if auth not in AUTH_MODES:
+        v.error(f"{where}: auth = {_show(auth)}; expected \"password\" (the default: the "
+                "mailbox's own password), \"admin\" (admin_user logs in on behalf of "
+                "username) or \"oauth2\" (oauth2_token_command)")
+        return "password", None, None
+    admin_user = None
+    if auth == "admin":
+        admin_user = _typed(v, raw, "admin_user", str, where)
+        if "admin_user" not in raw:
+            v.error(f"{where}: auth = \"admin\" needs admin_user, the admin (master user) "
+                    "who logs in on behalf of username")
+        elif isinstance(admin_user, str) and (not admin_user
+                                              or CONTROL_CHARS_RE.search(admin_user)):
+            v.error(f"{where}: admin_user = {_show(admin_user)}; expected the admin's login "
+                    "name, without control characters")
+            admin_user = None
+    elif "admin_user" in raw or admin_keys:
+        keys = " and ".join((["admin_user"] if "admin_user" in raw else []) + admin_keys)
+        v.error(f"{where}: {keys} set but auth = {_show(auth)}; set auth = \"admin\" to log "
+                "in as the admin on behalf of username, or remove them")
+        return auth, None, None
+    if auth != "oauth2" and token:
+        v.error(f"{where}: {TOKEN_COMMAND} is set but auth = {_show(auth)}; an access token "
+                "replaces the password: remove auth (or set auth = \"oauth2\"), or remove "
+                f"{TOKEN_COMMAND}")
+        return auth, None, None
+
+    if auth == "admin":
+        if user_keys:
+            v.error(f"{where}: auth = \"admin\" logs in with the admin's password, so "
+                    f"{' and '.join(user_keys)} (the mailbox's own password) must go; give "
+                    "the admin's in admin_password_env, admin_password_file, "
+                    "admin_password_command or admin_password")
+            return auth, None, None
+        secret = _parse_password_source(v, raw, where, base_dir, prefix="admin_")
+        return auth, admin_user, None if admin_user is None else secret
+    if auth == "oauth2":
+        if user_keys:
+            v.error(f"{where}: {' and '.join(user_keys)} and {TOKEN_COMMAND} are both set; an "
+                    "OAuth2 login sends the access token instead of a password: keep one")
+            return auth, None, None
+        if not token:
+            v.error(f"{where}: auth = \"oauth2\" needs {TOKEN_COMMAND}, the command that "
+                    "prints an access token, e.g. [\"oauth2-token\", \"alice\"]")
+            return auth, None, None
+        command = _parse_command(v, raw[TOKEN_COMMAND], TOKEN_COMMAND, where,
+                                 "[\"oauth2-token\", \"alice\"]")
+        return auth, None, command and PasswordSource("password_command", command, where,
+                                                      key=TOKEN_COMMAND)
+    return auth, None, _parse_password_source(v, raw, where, base_dir)
+
+
+def _parse_command(v, value, key, where, example) -> tuple[str, ...] | None:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(x, str) and x for x in value)):
+        v.error(f"{where}: {key} must be a non-empty list of strings, e.g. {example}")
+    elif any("\x00" in x for x in value):
+        v.error(f"{where}: {key} contains a NUL character, which no command line can hold; "
+                "remove it")
+    else:
+        return tuple(value)
+    return None
+
+
+def _parse_password_source(v, raw, where, base_dir, prefix: str = "") -> PasswordSource | None:
+    """The one password source of an endpoint: password_* keys, or with prefix "admin_"
+    the admin_password_* keys."""
+    keys = [prefix + k for k in PASSWORD_KINDS]
+    given = [k for k in keys if k in raw]
     if not given:
-        v.error(f"{where}: no password source; set one of password_env, password_file, "
-                "password_command or password")
+        also = "" if prefix else f" (or {TOKEN_COMMAND} for an OAuth2 login)"
+        v.error(f"{where}: no {prefix.replace('_', ' ')}password source; set one of "
+                f"{', '.join(keys[:-1])} or {keys[-1]}{also}")
         return None
     if len(given) > 1:
         v.error(f"{where}: {' and '.join(given)} are all set; keep exactly one password source")
         return None
-    kind = given[0]
-    value = raw[kind]
+    key = given[0]
+    kind = key[len(prefix):]
+    value = raw[key]
     if kind == "password_command":
-        if (not isinstance(value, list) or not value
-                or not all(isinstance(x, str) and x for x in value)):
-            v.error(f"{where}: password_command must be a non-empty list of strings, "
-                    "e.g. [\"pass\", \"show\", \"mail/alice\"]")
-        elif any("\x00" in x for x in value):
-            v.error(f"{where}: password_command contains a NUL character, which no "
-                    "command line can hold; remove it")
-        else:
-            return PasswordSource(kind, tuple(value), where)
-        return None
+        command = _parse_command(v, value, key, where, "[\"pass\", \"show\", \"mail/alice\"]")
+        return command and PasswordSource(kind, command, where, key=key if prefix else "")
     # Never echo the value: it may be the password.
     if not isinstance(value, str) or not value:
-        v.error(f"{where}: {kind} must be a non-empty string")
+        v.error(f"{where}: {key} must be a non-empty string")
     elif kind == "password_env" and ("=" in value or "\x00" in value):
-        v.error(f"{where}: password_env must be the name of an environment variable, "
+        v.error(f"{where}: {key} must be the name of an environment variable, "
                 "e.g. \"ALICE_PASSWORD\" (no '=' or NUL)")
     elif kind == "password" and LINE_BREAK_OR_NUL_RE.search(value):
-        v.error(f"{where}: password contains a line break or NUL character, which mail "
+        v.error(f"{where}: {key} contains a line break or NUL character, which mail "
                 "protocols cannot send; check what was pasted")
     elif kind == "password_file":
-        path = _path_value(v, value, kind, where, base_dir)
-        return None if path is None else PasswordSource(kind, str(path), where)
+        path = _path_value(v, value, key, where, base_dir)
+        return None if path is None else PasswordSource(kind, str(path), where,
+                                                        key=key if prefix else "")
     else:
-        return PasswordSource(kind, value, where)
+        return PasswordSource(kind, value, where, key=key if prefix else "")
     return None
 
 

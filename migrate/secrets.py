@@ -1,7 +1,9 @@
 """Password sources, read lazily and never shown.
 
 A ``PasswordSource`` describes *where* a password comes from.  Its repr and str name the
-source kind only, so a config object can be logged or put in an exception safely.
+source kind only, so a config object can be logged or put in an exception safely.  The
+same sources hold an admin's password (``admin_password_env`` ...) and the command that
+prints an OAuth2 access token (``oauth2_token_command``); ``key`` names the config key.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 KINDS = ("password_env", "password_file", "password_command", "password")
+ADMIN_KINDS = tuple(f"admin_{kind}" for kind in KINDS)
+TOKEN_COMMAND = "oauth2_token_command"
 PASSWORD_COMMAND_TIMEOUT = 60.0  # seconds; a prompt nobody answers must not hang cron
 
 
@@ -25,9 +29,20 @@ class PasswordSource:
     # repr/compare so that it cannot leak through logging or tracebacks.
     value: object = field(repr=False, compare=False)
     where: str = ""  # "job 'alice', [jobs.source]" for error messages
+    # The config key when it is not `kind` itself: "admin_password_env",
+    # "oauth2_token_command" (a password_command whose output is an access token).
+    key: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.key or self.kind
+
+    @property
+    def noun(self) -> str:
+        return "access token" if self.name == TOKEN_COMMAND else "password"
 
     def __str__(self) -> str:
-        return f"<password from {self.kind}>"
+        return f"<{self.noun} from {self.name}>"
 
     def describe(self) -> str:
         if self.kind == "password_env":
@@ -46,10 +61,11 @@ class PasswordSource:
             name = str(self.value)
             secret = os.environ.get(name)
             if not secret:
+                other = self.name.replace("_env", "")
                 raise ConfigError(
-                    f"{self.where}: password_env = {name!r} but that environment variable "
-                    "is not set or empty; export it before running, or use password_file / "
-                    "password_command"
+                    f"{self.where}: {self.name} = {name!r} but that environment variable "
+                    f"is not set or empty; export it before running, or use {other}_file / "
+                    f"{other}_command"
                 )
             return secret
         if self.kind == "password_file":
@@ -58,17 +74,17 @@ class PasswordSource:
                 text = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise ConfigError(
-                    f"{self.where}: password_file {str(path)!r} cannot be read "
+                    f"{self.where}: {self.name} {str(path)!r} cannot be read "
                     f"({exc.strerror}); check the path and its permissions"
                 ) from None
             except UnicodeDecodeError:
                 raise ConfigError(
-                    f"{self.where}: password_file {str(path)!r} is not UTF-8 text; save "
+                    f"{self.where}: {self.name} {str(path)!r} is not UTF-8 text; save "
                     "the password in it as UTF-8"
                 ) from None
             secret = text.rstrip("\r\n")
             if not secret:
-                raise ConfigError(f"{self.where}: password_file {str(path)!r} is empty")
+                raise ConfigError(f"{self.where}: {self.name} {str(path)!r} is empty")
             return secret
         if self.kind == "password_command":
             return self._run_command()
@@ -76,7 +92,7 @@ class PasswordSource:
 
     def _run_command(self) -> str:
         argv = list(self.value)  # type: ignore[call-overload]
-        what = f"{self.where}: password_command {argv[0]!r}"
+        what = f"{self.where}: {self.name} {argv[0]!r}"
         try:
             # A session of its own: on timeout the whole process group goes, including
             # whatever the command started (an agent, a prompt, `sleep &`).
@@ -111,7 +127,7 @@ class PasswordSource:
         secret = text.splitlines()[0] if text else ""
         if not secret:
             raise ConfigError(
-                f"{what} printed nothing; it must print the password on its first line"
+                f"{what} printed nothing; it must print the {self.noun} on its first line"
             )
         return secret
 

@@ -76,6 +76,31 @@ def base_config() -> dict:
                            "password_file": "secrets/carol"},
                 "archive": {"path": "archive/carol"},
             },
+            {
+                "name": "dave", "kind": "imap-copy",
+                "source": {"host": "mail.old.example", "username": "dave@old.example",
+                           "auth": "admin", "admin_user": "admin@old.example",
+                           "admin_password_env": "OLD_ADMIN"},
+                "destination": {"host": "mail.new.example", "username": "dave@new.example",
+                                "auth": "admin", "admin_user": "root",
+                                "admin_password_file": "secrets/new-admin"},
+            },
+            {
+                "name": "erin", "kind": "pop3-archive",
+                "source": {"host": "pop.old.example", "username": "erin@old.example",
+                           "auth": "admin", "admin_user": "admin@old.example",
+                           "admin_password_command": ["pass", "show", "mail/old-admin"]},
+                "archive": {"path": "archive/erin"},
+            },
+            {
+                "name": "frank", "kind": "imap-copy",
+                "source": {"host": "mail.old.example", "username": "frank@old.example",
+                           "auth": "admin", "admin_user": "admin@old.example",
+                           "admin_password": "inline-admin-pw"},
+                "destination": {"host": "mail.new.example", "username": "frank@new.example",
+                                "auth": "oauth2",
+                                "oauth2_token_command": ["oauth2-token", "frank"]},
+            },
         ],
     }
 

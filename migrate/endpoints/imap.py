@@ -26,6 +26,8 @@ from imapclient.util import to_bytes
 from ..config import Endpoint
 from ..errors import ConnectionLost, FolderError, MailboxError, MessageError
 from .contact import TemporarilyRefused, first_contact_failure, greeting_wait
+from .sasl import (OAUTH_MECHANISMS, choose_oauth_mechanism, login_advice, login_who,
+                   login_with_token, plain_response)
 from .tls import describe_tls_failure, server_aliases, ssl_context
 
 SPECIAL_USE = ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive")
@@ -285,7 +287,7 @@ class ImapSession:
             _close_quietly(client)
             raise
         try:
-            client.login(endpoint.username, endpoint.password.reveal())
+            _authenticate(client, endpoint)
         except LoginError as exc:
             _close_quietly(client)
             # imapclient turns *every* imaplib error during LOGIN into LoginError, a
@@ -295,12 +297,11 @@ class ImapSession:
                     from None
             if _login_refused_for_now(exc):
                 raise TemporarilyRefused(
-                    f"IMAP server {where} refused the login as {endpoint.username} for now: "
+                    f"IMAP server {where} refused the login as {login_who(endpoint)} for now: "
                     f"{_server_text(exc)}") from None
             raise MailboxError(
-                f"IMAP login as {endpoint.username} at {where} failed: {_server_text(exc)}; "
-                "check the username (usually the full email address) and the password") \
-                from None
+                f"IMAP login as {login_who(endpoint)} at {where} failed: {_server_text(exc)}; "
+                f"{login_advice(endpoint, exc)}") from None
         except (OSError, IMAPClientAbortError) as exc:
             _close_quietly(client)
             raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \
@@ -753,6 +754,43 @@ class ImapSession:
         wanted = set(uids)
         return {int(u): int(it[b"RFC822.SIZE"]) for u, it in data.items()
                 if int(u) in wanted and b"RFC822.SIZE" in it}
+
+
+def _authenticate(client: IMAPClient, endpoint: Endpoint) -> None:
+    """Log in as endpoint.auth says: LOGIN with the mailbox's password; SASL PLAIN as
+    admin_user with the mailbox as authorization identity (RFC 4616); or a bearer token
+    (OAUTHBEARER preferred, else XOAUTH2)."""
+    if endpoint.auth == "password":
+        client.login(endpoint.username, endpoint.password.reveal())
+        return
+    offered = {c.decode() if isinstance(c, bytes) else c for c in client.capabilities()}
+    offered = {c.upper()[5:] for c in offered if c.upper().startswith("AUTH=")}
+    where = f"{endpoint.host}:{endpoint.port}"
+    if endpoint.auth == "admin":
+        if "PLAIN" not in offered:
+            raise MailboxError(
+                f"IMAP server {where} does not offer AUTH=PLAIN (it offers "
+                f"{_listed(offered)}), which an admin login on behalf of "
+                f"{endpoint.username} needs; use auth = \"password\" with the mailbox's "
+                "own password") from None
+        # imapclient's argument names: identity = who logs in, authorization_identity =
+        # whose mailbox; sent through sasl_login so that the bytes are exactly RFC 4616.
+        response = plain_response(endpoint.username, str(endpoint.admin_user),
+                                  endpoint.password.reveal())
+        client.sasl_login("PLAIN", lambda _challenge: response)
+        return
+    mechanism = choose_oauth_mechanism(offered)
+    if mechanism is None:
+        raise MailboxError(
+            f"IMAP server {where} offers neither of {', '.join(OAUTH_MECHANISMS)} (it offers "
+            f"{_listed(offered)}); it does not take OAuth2 access tokens: use "
+            "auth = \"password\" or auth = \"admin\"")
+    login_with_token(endpoint, mechanism,
+                     lambda exchange: client.sasl_login(mechanism, exchange), LoginError)
+
+
+def _listed(mechanisms: set[str]) -> str:
+    return ", ".join(f"AUTH={m}" for m in sorted(mechanisms)) or "no AUTH= mechanism"
 
 
 def _server_text(exc: BaseException) -> str:

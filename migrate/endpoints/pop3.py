@@ -8,6 +8,7 @@ A dropped connection before QUIT deletes nothing.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import poplib
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from ..config import Endpoint
 from ..errors import ConnectionLost, MailboxError, MessageError
 from .contact import TemporarilyRefused, first_contact_failure, greeting_wait
+from .sasl import (OAUTH_MECHANISMS, choose_oauth_mechanism, login_advice, login_who,
+                   login_with_token, plain_response)
 from .tls import describe_tls_failure, server_aliases, ssl_context
 
 log = logging.getLogger("migrate.pop3")
@@ -93,19 +96,18 @@ class Pop3Session:
             _close_quietly(client)
             raise
         try:
-            client.user(endpoint.username)
-            client.pass_(endpoint.password.reveal())
+            _authenticate(client, endpoint)
         except poplib.error_proto as exc:
             _close_quietly(client)
             if _dropped(exc):
                 raise ConnectionLost(f"connection to {where} dropped during login") from None
             if _login_refused_for_now(exc):
                 raise TemporarilyRefused(
-                    f"POP3 server {where} refused the login as {endpoint.username} for now: "
+                    f"POP3 server {where} refused the login as {login_who(endpoint)} for now: "
                     f"{_text(exc)}") from None
             raise MailboxError(
-                f"POP3 login as {endpoint.username} at {where} failed: {_text(exc)}; check "
-                "the username (usually the full email address) and the password") from None
+                f"POP3 login as {login_who(endpoint)} at {where} failed: {_text(exc)}; "
+                f"{login_advice(endpoint, exc)}") from None
         except OSError as exc:
             _close_quietly(client)
             raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \
@@ -338,6 +340,62 @@ def _login_refused_for_now(exc: poplib.error_proto) -> bool:
     """-ERR [IN-USE] (mailbox locked by another session) and [SYS/TEMP] will pass
     (RFC 2449, 3206); [AUTH], [SYS/PERM] and plain -ERR will not."""
     return _text(exc).upper().startswith(("-ERR [IN-USE]", "-ERR [SYS/TEMP]"))
+
+
+def _authenticate(client: poplib.POP3, endpoint: Endpoint) -> None:
+    """Log in as endpoint.auth says: USER/PASS with the mailbox's password; AUTH PLAIN as
+    admin_user with the mailbox as authorization identity (RFC 5034, RFC 4616); or AUTH
+    with a bearer token (OAUTHBEARER preferred, else XOAUTH2, as CAPA's SASL offers)."""
+    if endpoint.auth == "password":
+        client.user(endpoint.username)
+        client.pass_(endpoint.password.reveal())
+        return
+    if endpoint.auth == "admin":
+        response = plain_response(endpoint.username, str(endpoint.admin_user),
+                                  endpoint.password.reveal())
+        _sasl(client, "PLAIN", lambda _challenge: response)
+        return
+    where = f"{endpoint.host}:{endpoint.port}"
+    try:
+        offered = {m.upper() for m in client.capa().get("SASL", [])}
+    except poplib.error_proto as exc:
+        if _dropped(exc):
+            raise
+        offered = set()  # no CAPA: nothing tells us a mechanism the server takes
+    mechanism = choose_oauth_mechanism(offered)
+    if mechanism is None:
+        raise MailboxError(
+            f"POP3 server {where} offers neither of {', '.join(OAUTH_MECHANISMS)} in CAPA's "
+            f"SASL line (it offers {', '.join(sorted(offered)) or 'none'}); it does not take "
+            "OAuth2 access tokens: use auth = \"password\" or auth = \"admin\"")
+    login_with_token(endpoint, mechanism, lambda exchange: _sasl(client, mechanism, exchange),
+                     poplib.error_proto)
+
+
+# RFC 5034 4: an AUTH command with its initial response must fit in 255 octets; a longer
+# response (a long access token) follows the server's empty challenge instead.
+AUTH_LINE_LIMIT = 255
+
+
+def _sasl(client: poplib.POP3, mechanism: str, respond: Callable[[bytes], bytes]) -> None:
+    """AUTH ``mechanism``: ``respond`` gets each challenge (the first one empty) and
+    returns the response.  -ERR raises poplib.error_proto like any command."""
+    first = base64.b64encode(respond(b"")).decode("ascii")
+    command = f"AUTH {mechanism} {first or '='}"
+    if len(command) <= AUTH_LINE_LIMIT:
+        resp = client._shortcmd(command)
+    else:
+        resp = client._shortcmd(f"AUTH {mechanism}")
+        if _is_challenge(resp):
+            resp = client._shortcmd(first)
+    while _is_challenge(resp):
+        reply = respond(base64.b64decode(resp[1:].strip() or b""))
+        resp = client._shortcmd(base64.b64encode(reply).decode("ascii"))
+
+
+def _is_challenge(resp: bytes) -> bool:
+    """"+ <base64>" (a SASL challenge), not "+OK"."""
+    return resp.startswith(b"+") and not resp.startswith(b"+OK")
 
 
 def _close_quietly(client: poplib.POP3) -> None:
