@@ -642,7 +642,10 @@ def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
         return None
     _check_keys(v, raw, ENDPOINT_KEYS, where)
     host = _typed(v, raw, "host", str, where, required=True)
-    username = _typed(v, raw, "username", str, where, required=True)
+    if "username" not in raw:
+        v.error(f"{where}: missing required key 'username' (or, for many mailboxes, give "
+                "the job accounts = \"accounts.csv\": one username per row)")
+    username = _typed(v, raw, "username", str, where)
     security = _typed(v, raw, "security", str, where, default="ssl")
     allow_insecure = _typed(v, raw, "allow_insecure", bool, where, default=False)
     allow_short = _typed(v, raw, "allow_short_username", bool, where, default=False)
