@@ -257,9 +257,9 @@ def _report(args) -> int:
     from .store import Store, sqlite_file
 
     cfg = config_mod.load(args.config)
-    names = args.job or [j.name for j in cfg.jobs]
-    for name in names:
-        cfg.job(name)  # unknown names are a config error
+    # an accounts entry's name stands for its rows' jobs; unknown names: a config error
+    names = [item.name for item in cfg.select(args.job)
+             if isinstance(item, config_mod.Job)]
     database = sqlite_file(cfg.state_url) or config_mod.redact_url(cfg.state_url)
     store = Store.open_existing(cfg.state_url)
     try:
