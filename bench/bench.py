@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/bench.py --messages 2000 --mb 115 --folders 8
     .venv/bin/python bench/bench.py --kind pop3-archive --folders 1
+    .venv/bin/python bench/bench.py --mailboxes 20 --messages 200 --mb 11.5 --workers 4
 
 Prints messages/s, MB/s and the peak RSS of the mailmigrate process (the copy runs as a
 child process so the filling does not count), then a second, unchanged re-run's time.
+With --mailboxes M: M mailboxes of --messages messages (--mb MB) each, one config entry
+with an accounts CSV, run with --workers N.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--kind", default="imap-copy", choices=("imap-copy", "pop3-archive"))
     ap.add_argument("--extra", default="", help="extra arguments for mailmigrate run")
+    ap.add_argument("--mailboxes", type=int, default=0,
+                    help="M mailboxes (each --messages, --mb), listed in an accounts CSV")
+    ap.add_argument("--workers", type=int, default=1, help="mailmigrate run --workers N")
     args = ap.parse_args()
 
     ca = trustme.CA()
@@ -76,31 +82,50 @@ def main() -> int:
     try:
         old.start()
         new.start()
-        src = old.add_user("bench@old.test", "pw-old")
-        dst = new.add_user("bench@new.test", "pw-new")
+        boxes = max(1, args.mailboxes)
+        pairs = [(old.add_user(f"bench{i}@old.test", f"pw-old-{i}"),
+                  new.add_user(f"bench{i}@new.test", f"pw-new-{i}")) for i in range(boxes)]
         rng = random.Random(args.seed)
         folders = ["INBOX"] + [f"INBOX.Folder{i}" for i in range(1, args.folders)]
-        msgs = []
-        for i, size in enumerate(sizes(args.messages, int(args.mb * 1e6), rng)):
-            body, _ = mailgen.make_message(rng, i, size=size, attachment=size > 20_000)
-            msgs.append((folders[i % len(folders)], body,
-                         ["\\Seen"] if i % 2 else [], mailgen.realistic_mailbox(
-                             count=1, seed=i, big=False)[0].date))
-        msgs.sort(key=lambda m: folders.index(m[0]))
-        total = sum(len(m[1]) for m in msgs)
+        total = count = 0
         t = time.monotonic()
-        fill_fast(src, folders, msgs)
-        print(f"filled {len(msgs)} messages, {total / 1e6:.1f} MB in {len(folders)} folders "
-              f"({time.monotonic() - t:.1f} s)")
+        for src, _dst in pairs:
+            msgs = []
+            for i, size in enumerate(sizes(args.messages, int(args.mb * 1e6), rng)):
+                body, _ = mailgen.make_message(rng, count + i, size=size,
+                                               attachment=size > 20_000)
+                msgs.append((folders[i % len(folders)], body,
+                             ["\\Seen"] if i % 2 else [], mailgen.realistic_mailbox(
+                                 count=1, seed=i, big=False)[0].date))
+            msgs.sort(key=lambda m: folders.index(m[0]))
+            total += sum(len(m[1]) for m in msgs)
+            count += len(msgs)
+            fill_fast(src, folders, msgs)
+        print(f"filled {boxes} x {args.messages} messages, {total / 1e6:.1f} MB in "
+              f"{len(folders)} folders each ({time.monotonic() - t:.1f} s)")
 
         work = Path(tempfile.mkdtemp(prefix="mailmigrate-bench-"))
+        src, dst = pairs[0]
         if args.kind == "imap-copy":
             job = imap_job("bench", src, dst)
         else:
             job = {"name": "bench", "kind": "pop3-archive", "source": src.endpoint_toml("pop3"),
                    "archive": {"path": str(work / "archive")}}
+        if args.mailboxes:
+            accounts = work / "accounts.csv"
+            accounts.write_text("source_user,destination_user,source_password,"
+                                "destination_password\n" + "".join(
+                                    f"{s.username},{d.username},{s.password},{d.password}\n"
+                                    for s, d in pairs))
+            os.chmod(accounts, 0o600)
+            job["accounts"] = str(accounts)
+            for side in ("source", "destination"):
+                if side in job:
+                    job[side].pop("username")
+                    job[side].pop("password")
         path = write_config(work / "config.toml", [job])
-        cmd = [sys.executable, "-m", "migrate", "run", "-c", str(path), "--no-progress", *args.extra.split()]
+        cmd = [sys.executable, "-m", "migrate", "run", "-c", str(path), "--no-progress",
+               "--workers", str(args.workers), *args.extra.split()]
         # Peak RSS measured inside the child from VmHWM: ru_maxrss survives exec() on
         # Linux and would report this (large) benchmark process instead.
         probe = ("import runpy, sys; sys.argv = ['mailmigrate'] + sys.argv[1:]\n"
@@ -118,16 +143,19 @@ def main() -> int:
             print(proc.stderr)
         peak_kb = int(proc.stderr.split("peak_rss_kb")[-1].split()[0]) \
             if "peak_rss_kb" in proc.stderr else 0
-        print(proc.stdout.strip())
+        out = proc.stdout.strip().splitlines()
+        print("\n".join(out if len(out) <= 3 else out[:2] + ["..."] + out[-1:]))
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             return 1
-        print(f"{args.kind} with verification: {len(msgs) / elapsed:.0f} msgs/s, "
+        print(f"{args.kind} with verification, {boxes} mailboxes, --workers {args.workers}: "
+              f"{count / elapsed:.0f} msgs/s, "
               f"{total / 1e6 / elapsed:.1f} MB/s, {elapsed:.2f} s wall (process incl. "
               f"start-up), peak RSS {peak_kb / 1024:.0f} MB")
         t = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        print(f"unchanged re-run: {time.monotonic() - t:.2f} s ({proc.stdout.strip()})")
+        print(f"unchanged re-run: {time.monotonic() - t:.2f} s "
+              f"({proc.stdout.strip().splitlines()[-1]})")
         return 0
     finally:
         old.cleanup()

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="try quarantined messages again (they are not retried by "
                           "themselves)")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="run up to N jobs at the same time (default 1); max_connections "
+                          "still limits the connections to each server across all of them")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--batch-messages", type=int, default=200, help=argparse.SUPPRESS)
     run.add_argument("--batch-mb", type=float, default=4.0, help=argparse.SUPPRESS)
@@ -103,9 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "check-config":
             cfg = config_mod.load(args.config)
-            print(f"{args.config}: OK, {len(cfg.jobs)} jobs: "
-                  + ", ".join(f"{j.name} ({j.kind})" for j in cfg.jobs))
-            return EXIT_OK
+            for refusal in cfg.refusals:
+                print(f"mailmigrate: error: {refusal.name}: {refusal.message}",
+                      file=sys.stderr)
+            print(f"{args.config}: {'REFUSED ROWS' if cfg.refusals else 'OK'}, "
+                  f"{len(cfg.jobs)} jobs: "
+                  + ", ".join(f"{j.name} ({j.kind})" for j in cfg.jobs)
+                  + (f"; {len(cfg.refusals)} refused (see above)" if cfg.refusals else ""))
+            return EXIT_REFUSED if cfg.refusals else EXIT_OK
         if args.command == "unbind":
             return _unbind(args)
         if args.command in ("status", "failed"):
@@ -127,10 +135,12 @@ def _run(args) -> int:
     if args.max_errors is not None and args.max_errors < 1:
         print("mailmigrate: error: --max-errors must be 1 or more", file=sys.stderr)
         return EXIT_REFUSED
+    if args.workers < 1:
+        print("mailmigrate: error: --workers must be 1 or more", file=sys.stderr)
+        return EXIT_REFUSED
     cfg = config_mod.load(args.config)
-    for name in args.job or ():
-        cfg.job(name)  # unknown names fail before anything runs
-    options = RunOptions(dry_run=args.dry_run, max_delete=args.max_delete,
+    cfg.select(args.job)  # unknown names fail before anything runs
+    options = RunOptions(dry_run=args.dry_run, max_delete=args.max_delete, workers=args.workers,
                          max_errors=args.max_errors, retry_failed=args.retry_failed,
                          progress=False if args.no_progress else None,
                          batch_messages=max(1, args.batch_messages),
@@ -247,9 +257,9 @@ def _report(args) -> int:
     from .store import Store, sqlite_file
 
     cfg = config_mod.load(args.config)
-    names = args.job or [j.name for j in cfg.jobs]
-    for name in names:
-        cfg.job(name)  # unknown names are a config error
+    # an accounts entry's name stands for its rows' jobs; unknown names: a config error
+    names = [item.name for item in cfg.select(args.job)
+             if isinstance(item, config_mod.Job)]
     database = sqlite_file(cfg.state_url) or config_mod.redact_url(cfg.state_url)
     store = Store.open_existing(cfg.state_url)
     try:

@@ -6,10 +6,15 @@ expected and what to do.  See config.example.toml for the documented layout.
 
 from __future__ import annotations
 
+import copy
+import csv
+import dataclasses
 import difflib
 import math
 import re
+import shlex
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,10 +111,24 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A job from an accounts file row that cannot run (a bad row): reported as refused
+    (exit code 2) while the other rows of the file still run."""
+
+    name: str
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_url: str
     jobs: tuple[Job, ...]
+    refusals: tuple[Refusal, ...] = ()
+    # [[jobs]] entry with an accounts file → the names of its rows' jobs (refused ones
+    # too), in file order: --job ENTRY selects them all
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def job(self, name: str) -> Job:
         for job in self.jobs:
@@ -117,6 +136,49 @@ class Config:
                 return job
         names = ", ".join(j.name for j in self.jobs)
         raise ConfigError(f"no job named {name!r} in {self.path}; jobs defined: {names}")
+
+    def select(self, names: Sequence[str] | None) -> list[Job | Refusal]:
+        """The jobs and refusals to run, in config order: all of them, or those named
+        (a job's name, a refused row's name, or an accounts entry's name for all its
+        rows).  Raises ConfigError for a name that is none of these."""
+        everything: list[Job | Refusal] = [*self.jobs, *self.refusals]
+        order = {item.name: i for i, item in enumerate(_config_order(self, everything))}
+        if not names:
+            return sorted(everything, key=lambda item: order[item.name])
+        wanted: set[str] = set()
+        for name in names:
+            if name in self.groups:
+                wanted.update(self.groups[name])
+            elif name in order:
+                wanted.add(name)
+            else:
+                shown = ", ".join([j.name for j in self.jobs if not _grouped(self, j.name)]
+                                  + sorted(self.groups))
+                raise ConfigError(f"no job named {name!r} in {self.path}; jobs defined: "
+                                  f"{shown} (an accounts entry's rows: ENTRY:SOURCE_USER)")
+        return sorted((item for item in everything if item.name in wanted),
+                      key=lambda item: order[item.name])
+
+
+def _grouped(config: Config, name: str) -> bool:
+    return any(name in rows for rows in config.groups.values())
+
+
+def _config_order(config: Config, items: list[Job | Refusal]) -> list[Job | Refusal]:
+    """Jobs first, each accounts entry's rows in file order, refused rows among them."""
+    by_name = {item.name: item for item in items}
+    out: list[Job | Refusal] = []
+    placed: set[str] = set()
+    for job in config.jobs:
+        if job.name in placed:
+            continue
+        group = next((rows for rows in config.groups.values() if job.name in rows), None)
+        for name in group or (job.name,):
+            if name in by_name and name not in placed:
+                out.append(by_name[name])
+                placed.add(name)
+    out += [item for item in items if item.name not in placed]
+    return out
 
 
 # --- loading -----------------------------------------------------------------------
@@ -226,6 +288,8 @@ def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Con
 
     jobs_raw = data.get("jobs")
     jobs: list[Job] = []
+    refusals: list[Refusal] = []
+    groups: dict[str, tuple[str, ...]] = {}
     if jobs_raw is None or jobs_raw == []:
         v.error("no jobs defined; add at least one [[jobs]] table (see config.example.toml)")
     elif not isinstance(jobs_raw, list) or not all(isinstance(j, dict) for j in jobs_raw):
@@ -233,22 +297,37 @@ def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Con
     else:
         seen_names: dict[str, int] = {}
         for index, job_raw in enumerate(jobs_raw, start=1):
-            job = _parse_job(v, job_raw, index, base_dir)
-            if job is None:
-                continue
-            if job.name in seen_names:
-                v.error(
-                    f"job {job.name!r} is defined twice (jobs #{seen_names[job.name]} and "
-                    f"#{index}); the name of each job must be unique because it selects the "
-                    "job on the command line and keys its state"
-                )
+            if "accounts" in job_raw:
+                expanded = _parse_accounts_entry(v, job_raw, index, base_dir)
+                if expanded is None:
+                    continue
+                entry, rows = expanded
+                _claim_name(v, entry, index, seen_names)
+                groups[entry] = tuple(item.name for item in rows)
+                refusals += [item for item in rows if isinstance(item, Refusal)]
+                row_jobs = [item for item in rows if isinstance(item, Job)]
             else:
-                seen_names[job.name] = index
-            jobs.append(job)
+                job = _parse_job(v, job_raw, index, base_dir)
+                row_jobs = [] if job is None else [job]
+            for job in row_jobs:
+                _claim_name(v, job.name, index, seen_names)
+                jobs.append(job)
         _check_protocol_conflicts(v, jobs)
 
     v.raise_if_any(str(path) if path else None)
-    return Config(path=path or base_dir / "config.toml", state_url=state_url, jobs=tuple(jobs))
+    return Config(path=path or base_dir / "config.toml", state_url=state_url, jobs=tuple(jobs),
+                  refusals=tuple(refusals), groups=groups)
+
+
+def _claim_name(v: _Validator, name: str, index: int, seen_names: dict[str, int]) -> None:
+    if name in seen_names:
+        v.error(
+            f"job {name!r} is defined twice (jobs #{seen_names[name]} and "
+            f"#{index}); the name of each job must be unique because it selects the "
+            "job on the command line and keys its state"
+        )
+    else:
+        seen_names[name] = index
 
 
 def _state_url_problem(url: object) -> str | None:
@@ -352,7 +431,7 @@ def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | No
     _check_keys(
         v, raw,
         {"name", "kind", "delete_after_verify", "leave_on_server_days", "other_namespaces",
-         "source", "destination", "archive", "folders"},
+         "source", "destination", "archive", "folders", "accounts"},
         f"{where}, [[jobs]]",
     )
     kind = raw.get("kind")
@@ -409,6 +488,149 @@ def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | No
     )
 
 
+ACCOUNT_COLUMNS = ("source_user", "destination_user", "source_password",
+                   "destination_password", "archive")
+# stands in for the accounts file's users while the entry's shared settings are checked
+_PLACEHOLDER_USER = "placeholder@accounts.invalid"
+
+
+def _parse_accounts_entry(v: _Validator, raw: dict, index: int, base_dir: Path
+                          ) -> tuple[str, list[Job | Refusal]] | None:
+    """A [[jobs]] entry with ``accounts = "FILE.csv"``: one job per row, named
+    ENTRY:SOURCE_USER, sharing the entry's settings.  Problems of the entry or the file
+    are config errors; a bad row only refuses that row's job."""
+    entry = {k: x for k, x in raw.items() if k != "accounts"}
+    name = raw.get("name")
+    where = f"job {_show(name)}"
+    for side in ("source", "destination"):
+        table = entry.get(side)
+        if isinstance(table, dict) and "username" in table:
+            v.error(f"{where}, [jobs.{side}]: username is set, but with accounts = ... each "
+                    f"row gives it (column {side}_user); remove username")
+            return None
+    template = _with_account(entry, _PLACEHOLDER_USER, _PLACEHOLDER_USER, None, None, None,
+                             placeholder=True)
+    errors_before = len(v.problems)
+    job = _parse_job(v, template, index, base_dir)
+    accounts = _typed(v, raw, "accounts", str, where)
+    if job is None or accounts is None or len(v.problems) > errors_before:
+        return None
+    path = _path_value(v, accounts, "accounts", where, base_dir)
+    if path is None:
+        return None
+    table = _read_accounts(v, path, f"{where}: accounts = {_show(accounts)}")
+    if table is None:
+        return None
+    items: list[Job | Refusal] = []
+    seen: dict[str, int] = {}
+    for line, row in table:
+        user = row.get("source_user", "")
+        problem = None
+        if not user:
+            problem = "source_user is empty"
+        elif user.lower() in seen:
+            problem = (f"source_user {user!r} is listed again (first on line "
+                       f"{seen[user.lower()]}); list each mailbox once")
+        elif "/" in user or user.startswith("."):
+            problem = f"source_user {user!r} cannot name a mailbox (a '/' or a leading '.')"
+        elif job.kind == IMAP_COPY and row.get("archive"):
+            problem = "archive is for pop3-archive entries; leave the column empty"
+        elif job.kind == POP3_ARCHIVE and (row.get("destination_user")
+                                           or row.get("destination_password")):
+            problem = ("destination_user/destination_password are for imap-copy entries; "
+                       "leave those columns empty")
+        row_name = f"{name}:{user}" if user and problem is None else f"{name}:line-{line}"
+        if user and user.lower() not in seen:
+            seen[user.lower()] = line
+        if problem is None:
+            archive = row.get("archive") or (str(job.archive.path / user)
+                                              if job.archive else None)
+            row_raw = _with_account(entry, user, row.get("destination_user") or user,
+                                    row.get("source_password"),
+                                    row.get("destination_password"), archive)
+            sub = _Validator()
+            row_job = _parse_job(sub, row_raw, index, base_dir)
+            if row_job is not None and not sub.problems:
+                items.append(dataclasses.replace(row_job, name=row_name))
+                continue
+            problem = "; ".join(sub.problems) or "invalid row"
+        items.append(Refusal(row_name, job.kind,
+                             f"{path} line {line}: {problem}; this mailbox was skipped, the "
+                             "other rows run"))
+    if not items:
+        v.error(f"{where}: accounts = {_show(accounts)} has a header but no rows; add one "
+                "row per mailbox")
+        return None
+    return name, items
+
+
+def _with_account(entry: dict, source_user: str, destination_user: str,
+                  source_password: str | None, destination_password: str | None,
+                  archive: str | None, placeholder: bool = False) -> dict:
+    """The entry's raw settings for one account: the row's username and (if given) its
+    password in the source/destination tables, the row's archive path."""
+    raw = copy.deepcopy(entry)
+    for side, user, password in (("source", source_user, source_password),
+                                 ("destination", destination_user, destination_password)):
+        table = raw.get(side)
+        if not isinstance(table, dict):
+            continue
+        table["username"] = user
+        has_source = any(k in table for k in PASSWORD_KINDS)
+        if password:
+            for kind in PASSWORD_KINDS:
+                table.pop(kind, None)
+            table["password"] = password
+        elif placeholder and not has_source:  # the rows may give it
+            table["password"] = "placeholder"
+    if archive is not None and isinstance(raw.get("archive"), dict):
+        raw["archive"]["path"] = archive
+    return raw
+
+
+def _read_accounts(v: _Validator, path: Path, where: str
+                   ) -> list[tuple[int, dict[str, str]]] | None:
+    """(line number, row) for every row of an accounts CSV; None after reporting why
+    the file cannot be used at all."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            header = [(h or "").strip() for h in (reader.fieldnames or [])]
+            rows = []
+            for row in reader:
+                values = {(k or "").strip(): (x or "").strip() if isinstance(x, str) else ""
+                          for k, x in row.items() if k is not None}
+                if any(values.values()):
+                    rows.append((reader.line_num, values))
+    except FileNotFoundError:
+        v.error(f"{where}: the file {str(path)!r} does not exist; give a CSV file with a "
+                "header row and a source_user column")
+        return None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        v.error(f"{where}: the file {str(path)!r} cannot be read: {exc}")
+        return None
+    if not header or not any(header):
+        v.error(f"{where}: the file {str(path)!r} has no header row; its first line must "
+                f"name the columns, e.g. source_user,destination_user")
+        return None
+    unknown = [h for h in header if h not in ACCOUNT_COLUMNS]
+    if unknown:
+        v.error(f"{where}: the file {str(path)!r} has unknown column(s) "
+                f"{', '.join(_show(h) for h in unknown)} (allowed: {', '.join(ACCOUNT_COLUMNS)})")
+        return None
+    if "source_user" not in header:
+        v.error(f"{where}: the file {str(path)!r} has no source_user column; its header row "
+                "must name it")
+        return None
+    if any(r.get("source_password") or r.get("destination_password") for _, r in rows):
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            v.error(f"{where}: the file {str(path)!r} holds passwords but other users can "
+                    f"read it (mode {mode & 0o777:o}); run: chmod 600 {shlex.quote(str(path))}")
+            return None
+    return rows
+
+
 ENDPOINT_KEYS = {
     "host", "port", "security", "username", *PASSWORD_KINDS, "ca_file",
     "allow_insecure", "allow_short_username", "timeout", "max_connections",
@@ -428,7 +650,10 @@ def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
         return None
     _check_keys(v, raw, ENDPOINT_KEYS, where)
     host = _typed(v, raw, "host", str, where, required=True)
-    username = _typed(v, raw, "username", str, where, required=True)
+    if "username" not in raw:
+        v.error(f"{where}: missing required key 'username' (or, for many mailboxes, give "
+                "the job accounts = \"accounts.csv\": one username per row)")
+    username = _typed(v, raw, "username", str, where)
     security = _typed(v, raw, "security", str, where, default="ssl")
     allow_insecure = _typed(v, raw, "allow_insecure", bool, where, default=False)
     allow_short = _typed(v, raw, "allow_short_username", bool, where, default=False)

@@ -1,5 +1,6 @@
-"""The job engine: runs jobs one after the other - locks, run records, one job's
-failure never stopping the others - and ranks their outcomes into an exit code.
+"""The job engine: runs jobs - one after the other, or up to ``--workers`` at once -
+with locks, run records, one job's failure never stopping the others, and ranks their
+outcomes into an exit code.
 
 The protocol-specific work lives in the jobs (``imap_copy``, ``pop3_archive``, on the
 shared ``runner``); both move messages through the state machine in ``states`` via the
@@ -9,18 +10,21 @@ side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from .config import IMAP_COPY, Config, Job
+from .config import IMAP_COPY, Config, Job, Refusal
 from .errors import (
     EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, JobLocked, MigrateError, StateError,
 )
 from .imap_copy import ImapCopy
+from .limits import ConnectionLimits
 from .pop3_archive import Pop3Archive
 from .results import JobResult, plural
 from .runner import Counters, RunOptions
@@ -31,10 +35,17 @@ log = logging.getLogger("migrate")
 def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
              store: Store | None = None,
              on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
-    """Run the jobs one after the other; ``on_result`` gets each result as soon as its
-    job is done (the CLI prints it then, so cron mail shows what finished before a kill).
-    Whatever goes wrong in one job is that job's error: the others still run."""
-    jobs = [config.job(n) for n in names] if names else list(config.jobs)
+    """Run the jobs, up to ``options.workers`` at once; ``on_result`` gets each result
+    as soon as its job is done, in the calling thread (the CLI prints it then, so cron
+    mail shows what finished before a kill).  Results come back in config order.
+    Whatever goes wrong in one job is that job's error: the others still run.  Every
+    job of the run shares one connection limit per server (``max_connections``)."""
+    selected = config.select(names)
+    jobs = [item for item in selected if isinstance(item, Job)]
+    if options.connection_limits is None:
+        # a copy: the caller's options may serve another run with other jobs
+        options = dataclasses.replace(options,
+                                      connection_limits=ConnectionLimits.for_jobs(jobs))
     scratch = None
     if store is None:
         url = config.state_url
@@ -54,18 +65,38 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
             raise
     else:
         own_store = None
-    results = []
+    the_store = own_store or store
+
+    def one(item: Job | Refusal) -> JobResult:
+        if isinstance(item, Refusal):  # a bad accounts row: refused without connecting
+            result = JobResult(item.name, item.kind, options.dry_run, exit_code=EXIT_REFUSED)
+            result.errors.append(item.message)
+            return result
+        if options.stop.is_set():  # interrupted: no new job starts
+            return JobResult(item.name, item.kind, options.dry_run, interrupted=True,
+                             started=False)
+        return run_job(item, the_store, options)
+
+    results: list[JobResult | None] = [None] * len(selected)
     try:
-        for job in jobs:
-            if options.stop.is_set():
-                result = JobResult(job.name, job.kind, options.dry_run, interrupted=True,
-                                   started=False)
-            else:
-                result = run_job(job, own_store or store, options)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
-        return results
+        if options.workers <= 1 or len(selected) <= 1:
+            for i, item in enumerate(selected):
+                results[i] = one(item)
+                if on_result is not None:
+                    on_result(results[i])
+        else:
+            with ThreadPoolExecutor(options.workers, thread_name_prefix="mm-job") as pool:
+                futures = {pool.submit(one, item): i for i, item in enumerate(selected)}
+                try:
+                    for future in as_completed(futures):
+                        result = future.result()  # run_job returns errors as a result
+                        results[futures[future]] = result
+                        if on_result is not None:
+                            on_result(result)
+                except BaseException:  # e.g. KeyboardInterrupt: the running jobs stop
+                    options.stop.set()  # after their batch, no other job starts
+                    raise
+        return [r for r in results if r is not None]
     finally:
         if own_store is not None:
             own_store.close()

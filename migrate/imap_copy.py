@@ -24,6 +24,7 @@ from . import deletion, faults
 from .config import Job
 from .deletion import LookedAgain
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
+from .limits import SlotWaitStopped
 from .results import plural
 from .runner import JobRunner, Progress, RunOptions, over_quota, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
@@ -99,6 +100,18 @@ class SessionPool:
         # a pair has connected: a server that refuses now is restarting, and is retried
         self._reached = False
         self._gave_up: MigrateError | None = None
+        # slots per server shared with the other jobs of the run (runner.RunOptions)
+        self._limits = options.connection_limits
+        self._servers = (job.source, job.destination)
+
+    @property
+    def max_pairs(self) -> int:
+        """How many pairs this job may hold at once: its own endpoints' max_connections,
+        and never more than the run's limit of either server."""
+        sizes = [self.job.source.max_connections, self.job.destination.max_connections]
+        if self._limits is not None:
+            sizes += [self._limits.size(e) for e in self._servers]
+        return max(1, min(sizes))
 
     def _connect(self) -> tuple[ImapSession, ImapSession]:
         with self._lock:
@@ -126,18 +139,39 @@ class SessionPool:
             self._all.extend(pair)
         return pair
 
-    def take(self) -> tuple[ImapSession, ImapSession]:
+    def _idle_pair(self):
         try:
             return self._idle.get_nowait()
         except queue.Empty:
+            return None
+
+    def take(self) -> tuple[ImapSession, ImapSession]:
+        pair = self._idle_pair()
+        if pair is not None:
+            return pair
+        if self._limits is None:
             return self._connect()
+        # Wait for a slot at both servers, or for a pair of this job given back meanwhile
+        # (it holds slots already: waiting on while it sits idle could wait forever).
+        pair = self._limits.take(self._servers, self.options.stop, self._idle_pair)
+        if pair is not None:
+            return pair
+        try:
+            return self._connect()
+        except BaseException:
+            self._limits.give_back(self._servers)
+            raise
 
     def give_back(self, pair) -> None:
         self._idle.put(pair)
+        if self._limits is not None:
+            self._limits.wake()
 
     def discard(self, pair) -> None:
         for s in pair:
             s.logout()
+        if self._limits is not None:
+            self._limits.give_back(self._servers)
 
     def close(self) -> None:
         while True:
@@ -162,10 +196,12 @@ class ImapCopy(JobRunner):
         pool = SessionPool(self.job, self.options)
         progress = Progress(self.job.name, self.options.progress)
         try:
-            plans = retrying(self.options)(self._with_pair, pool, self._plan)
+            try:
+                plans = retrying(self.options)(self._with_pair, pool, self._plan)
+            except SlotWaitStopped:  # interrupted before it had a connection: not a failure
+                return
             self.counters.add("folders", len(plans))
-            workers = max(1, min(len(plans), self.job.source.max_connections,
-                                 self.job.destination.max_connections))
+            workers = max(1, min(len(plans), pool.max_pairs))
             runs = [FolderRun(p) for p in plans]
             with ThreadPoolExecutor(workers, thread_name_prefix=f"mm-{self.job.name}") as ex:
                 list(ex.map(lambda fr: self._folder_with_retry(pool, fr, progress), runs))
@@ -241,7 +277,8 @@ class ImapCopy(JobRunner):
             return
         try:
             retrying(self.options)(self._with_pair, pool, self._sync_folder, fr, progress)
-        except _Stopped:  # not a failure; but never delete from a folder left half done
+        except (_Stopped, SlotWaitStopped):
+            # not a failure; but never delete from a folder left half done
             fr.error = "stopped"
         except MigrateError as exc:  # this folder failed; the others go on
             fr.error = str(exc)
@@ -901,6 +938,8 @@ class ImapCopy(JobRunner):
                 deletion.delete_unit(self, _ImapFolder(self, src, dst, fr), rows)
             try:
                 retrying(self.options)(self._with_pair, pool, on_pair)
+            except SlotWaitStopped:  # interrupted: the next run deletes
+                pass
             except MigrateError as exc:
                 self.error(f"folder {fr.plan.source!r}: deletion: {exc}")
 

@@ -22,6 +22,7 @@ from . import deletion, faults
 from .config import Job
 from .endpoints.maildir import ArchiveWriteError, MaildirArchive, Written
 from .endpoints.pop3 import Pop3Message, Pop3Session
+from .limits import SlotWaitStopped
 from .results import JobResult
 from .runner import Counters, JobRunner, Progress, RunOptions, retrying
 from .errors import ConnectionLost, MessageError, SafetyError
@@ -69,7 +70,13 @@ class Pop3Archive(JobRunner):
                 try:
                     # A dropped connection restarts from the listing: what is verified is
                     # skipped.
-                    retrying(self.options, reached=reached)(self._pass, progress)
+                    # One connection at a time, its slot of the server (shared with
+                    # the other jobs of the run) held across reconnects: waiting for a
+                    # slot must not use up the retry deadline.
+                    with self.connection_slot(self.job.source):
+                        retrying(self.options, reached=reached)(self._pass, progress)
+                    return
+                except SlotWaitStopped:  # interrupted before it had a connection
                     return
                 except ConnectionLost:
                     # Retries used up, but drops were pinned on messages that are now

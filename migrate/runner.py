@@ -12,14 +12,16 @@ import re
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_after_delay,
                       wait_exponential)
 from tqdm import tqdm
 
-from .config import Job
+from .config import Endpoint, Job
 from .errors import MigrateError
+from .limits import ConnectionLimits
 from .results import JobResult, plural
 from .states import State
 from .store import MessageRow, Store
@@ -58,6 +60,10 @@ class RunOptions:
     # Set (by the CLI's SIGINT/SIGTERM handler) to stop every job after its batch in
     # flight: jobs check it between batches and folders, and start nothing new.
     stop: threading.Event = field(default_factory=threading.Event)
+    workers: int = 1  # jobs run at the same time (--workers)
+    # connection slots per server shared by every job of the run (engine.run_jobs sets
+    # it); None: each job only keeps to its own endpoints' max_connections
+    connection_limits: ConnectionLimits | None = None
 
 
 class Counters:
@@ -141,6 +147,20 @@ class JobRunner:
         """Start no new batch, folder or deletion: the run was interrupted (SIGINT or
         SIGTERM), or this job hit a stop condition (over quota, --max-errors)."""
         return self.options.stop.is_set() or self._halted is not None
+
+    @contextmanager
+    def connection_slot(self, endpoint: Endpoint) -> Iterator[None]:
+        """Hold a slot of the endpoint's server (shared by every job of the run) for a
+        connection opened and closed inside the block; waits for a free one."""
+        limits = self.options.connection_limits
+        if limits is None:
+            yield
+            return
+        limits.take([endpoint], self.options.stop)
+        try:
+            yield
+        finally:
+            limits.give_back([endpoint])
 
     def warn(self, text: str) -> None:
         with self._lock:

@@ -33,7 +33,7 @@ DOCUMENTED = {
     "top": {"state", "jobs"},
     "state": {"url"},
     "job": {"name", "kind", "delete_after_verify", "leave_on_server_days",
-            "other_namespaces", "source", "destination", "archive", "folders"},
+            "other_namespaces", "source", "destination", "archive", "folders", "accounts"},
     "endpoint": set(cfg.ENDPOINT_KEYS),
     "archive": {"path", "format"},
     "folders": {"include", "exclude", "map"},
@@ -100,6 +100,11 @@ def base_config() -> dict:
                 "destination": {"host": "mail.new.example", "username": "frank@new.example",
                                 "auth": "oauth2",
                                 "oauth2_token_command": ["oauth2-token", "frank"]},
+            },
+            {
+                "name": "staff", "kind": "imap-copy", "accounts": "accounts.csv",
+                "source": {"host": "mail.old.example", "password_env": "STAFF_OLD"},
+                "destination": {"host": "mail.new.example", "password_env": "STAFF_NEW"},
             },
         ],
     }
@@ -302,6 +307,7 @@ def load_text(directory: Path, content: str | bytes) -> cfg.Config | ConfigError
 def config_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("fuzz")
     (directory / "ca.pem").write_text("not checked before connecting\n")
+    (directory / "accounts.csv").write_text("source_user\ndan@old.example\n")
     return directory
 
 

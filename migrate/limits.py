@@ -1,0 +1,95 @@
+"""Connections per server, shared by every job of a run.
+
+``max_connections`` of an endpoint limits the connections to that server (host and
+port: the port tells the protocol) from the whole run, not from one job: with
+``--workers 8`` and 500 mailboxes on one old host, the host still sees at most its
+smallest configured ``max_connections``.  A connection holds a slot of its server from
+before it connects until it is closed.
+
+No deadlock: a connection pair takes the slots of both its servers at once or waits
+holding none (never one side while waiting for the other), and a job waiting for a new
+pair also takes an idle pair of its own pool as soon as one is given back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+from .config import Endpoint, Job
+from .errors import MigrateError
+
+T = TypeVar("T")
+# how often a wait looks at the stop flag when nothing else wakes it
+_STOP_POLL = 0.2
+
+
+class SlotWaitStopped(MigrateError):
+    """The run is being stopped while a job waited for a free connection slot."""
+
+
+def server_key(endpoint: Endpoint) -> tuple[str, int]:
+    return (endpoint.host.lower(), endpoint.port)
+
+
+class ConnectionLimits:
+    """A counting semaphore per server, sized by the smallest ``max_connections`` any
+    job of the run configures for it; several slots are taken all at once."""
+
+    def __init__(self, sizes: dict[tuple[str, int], int]):
+        self.sizes = dict(sizes)
+        self._free = dict(sizes)
+        self._cond = threading.Condition()
+        self.peak: dict[tuple[str, int], int] = {k: 0 for k in sizes}  # for -v and tests
+
+    @classmethod
+    def for_jobs(cls, jobs: Iterable[Job]) -> ConnectionLimits:
+        sizes: dict[tuple[str, int], int] = {}
+        for job in jobs:
+            for endpoint in (job.source, job.destination):
+                if endpoint is not None:
+                    key = server_key(endpoint)
+                    sizes[key] = min(sizes.get(key, endpoint.max_connections),
+                                     endpoint.max_connections)
+        return cls(sizes)
+
+    def size(self, endpoint: Endpoint) -> int:
+        return self.sizes.get(server_key(endpoint), endpoint.max_connections)
+
+    def take(self, endpoints: Sequence[Endpoint], stop: threading.Event,
+             instead: Callable[[], T | None] | None = None) -> T | None:
+        """Wait until every endpoint's server has a free slot and take them (returns
+        None), or until ``instead()`` offers something else to use (returns it, taking
+        nothing).  Raises SlotWaitStopped once ``stop`` is set."""
+        keys = [server_key(e) for e in endpoints]
+        with self._cond:
+            for key in keys:  # a server no job of the run named (a direct caller): no limit
+                self.sizes.setdefault(key, 1 << 30)
+                self._free.setdefault(key, 1 << 30)
+                self.peak.setdefault(key, 0)
+            while True:
+                if stop.is_set():
+                    raise SlotWaitStopped("stopped while waiting for a free connection")
+                if instead is not None:
+                    offered = instead()
+                    if offered is not None:
+                        return offered
+                if all(self._free[k] >= keys.count(k) for k in keys):
+                    for k in keys:
+                        self._free[k] -= 1
+                        self.peak[k] = max(self.peak[k], self.sizes[k] - self._free[k])
+                    return None
+                self._cond.wait(_STOP_POLL)
+
+    def give_back(self, endpoints: Sequence[Endpoint]) -> None:
+        """Release the slots of closed connections."""
+        with self._cond:
+            for e in endpoints:
+                self._free[server_key(e)] += 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Something a waiter may take ``instead`` became available."""
+        with self._cond:
+            self._cond.notify_all()
