@@ -25,7 +25,7 @@ from .config import Job
 from .deletion import LookedAgain
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
 from .results import plural
-from .runner import JobRunner, Progress, RunOptions, over_quota, retrying
+from .runner import BackoffAccount, JobRunner, Progress, RunOptions, over_quota, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State
@@ -90,9 +90,10 @@ class SessionPool:
     it gave up, later requests for a new pair fail at once with the same error instead
     of each spending another retry deadline on a server that is gone."""
 
-    def __init__(self, job: Job, options: RunOptions):
+    def __init__(self, job: Job, options: RunOptions, backoff: BackoffAccount | None = None):
         self.job = job
         self.options = options
+        self.backoff = backoff  # the job's budget for servers that push back
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._all: list[ImapSession] = []
         self._lock = threading.Lock()
@@ -116,7 +117,8 @@ class SessionPool:
                 session.capabilities -= self.options.ignore_capabilities
             return src, dst
         try:
-            pair = retrying(self.options, reached=self._reached)(attempt)
+            pair = retrying(self.options, reached=self._reached,
+                            backoff=self.backoff)(attempt)
         except MigrateError as exc:
             with self._lock:
                 self._gave_up = self._gave_up or exc
@@ -159,10 +161,10 @@ class ImapCopy(JobRunner):
     # --- the run -----------------------------------------------------------------
 
     def run(self) -> None:
-        pool = SessionPool(self.job, self.options)
+        pool = SessionPool(self.job, self.options, self.backoff)
         progress = Progress(self.job.name, self.options.progress)
         try:
-            plans = retrying(self.options)(self._with_pair, pool, self._plan)
+            plans = self.retrying()(self._with_pair, pool, self._plan)
             self.counters.add("folders", len(plans))
             workers = max(1, min(len(plans), self.job.source.max_connections,
                                  self.job.destination.max_connections))
@@ -240,7 +242,7 @@ class ImapCopy(JobRunner):
         if self.stopping():  # interrupted, over quota, --max-errors: no new folder
             return
         try:
-            retrying(self.options)(self._with_pair, pool, self._sync_folder, fr, progress)
+            self.retrying()(self._with_pair, pool, self._sync_folder, fr, progress)
         except _Stopped:  # not a failure; but never delete from a folder left half done
             fr.error = "stopped"
         except MigrateError as exc:  # this folder failed; the others go on
@@ -900,7 +902,7 @@ class ImapCopy(JobRunner):
             def on_pair(src, dst):
                 deletion.delete_unit(self, _ImapFolder(self, src, dst, fr), rows)
             try:
-                retrying(self.options)(self._with_pair, pool, on_pair)
+                self.retrying()(self._with_pair, pool, on_pair)
             except MigrateError as exc:
                 self.error(f"folder {fr.plan.source!r}: deletion: {exc}")
 

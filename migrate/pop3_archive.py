@@ -23,7 +23,7 @@ from .config import Job
 from .endpoints.maildir import ArchiveWriteError, MaildirArchive, Written
 from .endpoints.pop3 import Pop3Message, Pop3Session
 from .results import JobResult
-from .runner import Counters, JobRunner, Progress, RunOptions, retrying
+from .runner import Counters, JobRunner, Progress, RunOptions
 from .errors import ConnectionLost, MessageError, SafetyError
 from .deletion import LookedAgain
 from .states import State
@@ -69,7 +69,7 @@ class Pop3Archive(JobRunner):
                 try:
                     # A dropped connection restarts from the listing: what is verified is
                     # skipped.
-                    retrying(self.options, reached=reached)(self._pass, progress)
+                    self.retrying(reached=reached)(self._pass, progress)
                     return
                 except ConnectionLost:
                     # Retries used up, but drops were pinned on messages that are now
