@@ -262,7 +262,7 @@ class BackoffAccount:
         with self._lock:
             first, self._warned = not self._warned, True
         if self.counters is not None:
-            self.counters.add("waited_seconds", round(seconds, 3))
+            self.counters.add("waited_seconds", seconds)
         if first and self.warn is not None:
             self.warn(f"server {exc.server} pushed back ({exc.reason}); waiting as it asks, "
                       f"at most {self.budget:g} s in all for this job")
@@ -336,7 +336,10 @@ class RetryLoop:
         """Wait, but not past a request to stop the run (a long push-back included)."""
         exc = self._last
         started = time.monotonic()
-        self.options.stop.wait(seconds)
+        deadline = started + seconds
+        # at least what the server asked (a timed wait may wake a little early)
+        while not self.options.stop.is_set() and time.monotonic() < deadline:
+            self.options.stop.wait(deadline - time.monotonic())
         slept = time.monotonic() - started
         if isinstance(exc, ServerBackoff):
             self._pushback_waits += slept
