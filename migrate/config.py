@@ -74,6 +74,9 @@ class Endpoint:
     max_connections: int = 4
     auth: str = "password"  # one of AUTH_MODES
     admin_user: str | None = None  # auth = "admin": who logs in on behalf of username
+    # bytes per second read from (FETCH, RETR) plus written to (APPEND) this server by a
+    # job, all its connections together (None: no limit)
+    max_bytes_per_second: int | None = None
 
     @property
     def mailbox_key(self) -> tuple[str, str]:
@@ -635,6 +638,7 @@ ENDPOINT_KEYS = {
     "host", "port", "security", "username", *PASSWORD_KINDS, "ca_file",
     "allow_insecure", "allow_short_username", "timeout", "max_connections",
     "auth", "admin_user", *ADMIN_KINDS, TOKEN_COMMAND,
+    "max_bytes_per_second",
 }
 
 
@@ -668,6 +672,11 @@ def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
         v.error(f"{where}: max_connections = {_show(max_conn)}; expected 1 to 64 (servers "
                 "limit connections per user, Dovecot to 10 by default)")
         max_conn = 4
+    rate = _typed(v, raw, "max_bytes_per_second", int, where)
+    if rate is not None and rate < 1024:
+        v.error(f"{where}: max_bytes_per_second = {_show(rate)}; expected at least 1024 "
+                "(bytes per second, e.g. 1_000_000 for 1 MB/s), or leave it out for no limit")
+        rate = None
 
     if security not in SECURITY_MODES:
         v.error(f"{where}: security = {_show(security)}; expected \"ssl\" (implicit TLS, the "
@@ -733,6 +742,7 @@ def _parse_endpoint(v, raw, where, protocol, base_dir) -> Endpoint | None:
         protocol=protocol, host=host, port=port, security=security, username=username,
         password=password, ca_file=ca_file, allow_insecure=bool(allow_insecure),
         timeout=float(timeout), max_connections=max_conn, auth=auth, admin_user=admin_user,
+        max_bytes_per_second=rate,
     )
 
 

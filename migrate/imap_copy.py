@@ -26,7 +26,7 @@ from .deletion import LookedAgain
 from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
 from .limits import SlotWaitStopped
 from .results import plural
-from .runner import JobRunner, Progress, RunOptions, over_quota, retrying
+from .runner import BackoffAccount, JobRunner, Progress, RunOptions, over_quota, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
 from .states import State
@@ -91,9 +91,10 @@ class SessionPool:
     it gave up, later requests for a new pair fail at once with the same error instead
     of each spending another retry deadline on a server that is gone."""
 
-    def __init__(self, job: Job, options: RunOptions):
+    def __init__(self, job: Job, options: RunOptions, backoff: BackoffAccount | None = None):
         self.job = job
         self.options = options
+        self.backoff = backoff  # the job's budget for servers that push back
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._all: list[ImapSession] = []
         self._lock = threading.Lock()
@@ -129,7 +130,8 @@ class SessionPool:
                 session.capabilities -= self.options.ignore_capabilities
             return src, dst
         try:
-            pair = retrying(self.options, reached=self._reached)(attempt)
+            pair = retrying(self.options, reached=self._reached,
+                            backoff=self.backoff)(attempt)
         except MigrateError as exc:
             with self._lock:
                 self._gave_up = self._gave_up or exc
@@ -193,11 +195,11 @@ class ImapCopy(JobRunner):
     # --- the run -----------------------------------------------------------------
 
     def run(self) -> None:
-        pool = SessionPool(self.job, self.options)
+        pool = SessionPool(self.job, self.options, self.backoff)
         progress = Progress(self.job.name, self.options.progress)
         try:
             try:
-                plans = retrying(self.options)(self._with_pair, pool, self._plan)
+                plans = self.retrying()(self._with_pair, pool, self._plan)
             except SlotWaitStopped:  # interrupted before it had a connection: not a failure
                 return
             self.counters.add("folders", len(plans))
@@ -276,7 +278,7 @@ class ImapCopy(JobRunner):
         if self.stopping():  # interrupted, over quota, --max-errors: no new folder
             return
         try:
-            retrying(self.options)(self._with_pair, pool, self._sync_folder, fr, progress)
+            self.retrying()(self._with_pair, pool, self._sync_folder, fr, progress)
         except (_Stopped, SlotWaitStopped):
             # not a failure; but never delete from a folder left half done
             fr.error = "stopped"
@@ -937,7 +939,7 @@ class ImapCopy(JobRunner):
             def on_pair(src, dst):
                 deletion.delete_unit(self, _ImapFolder(self, src, dst, fr), rows)
             try:
-                retrying(self.options)(self._with_pair, pool, on_pair)
+                self.retrying()(self._with_pair, pool, on_pair)
             except SlotWaitStopped:  # interrupted: the next run deletes
                 pass
             except MigrateError as exc:

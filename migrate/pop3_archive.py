@@ -24,7 +24,7 @@ from .endpoints.maildir import ArchiveWriteError, MaildirArchive, Written
 from .endpoints.pop3 import Pop3Message, Pop3Session
 from .limits import SlotWaitStopped
 from .results import JobResult
-from .runner import Counters, JobRunner, Progress, RunOptions, retrying
+from .runner import Counters, JobRunner, Progress, RunOptions
 from .errors import ConnectionLost, MessageError, SafetyError
 from .deletion import LookedAgain
 from .states import State
@@ -74,7 +74,7 @@ class Pop3Archive(JobRunner):
                     # the other jobs of the run) held across reconnects: waiting for a
                     # slot must not use up the retry deadline.
                     with self.connection_slot(self.job.source):
-                        retrying(self.options, reached=reached)(self._pass, progress)
+                        self.retrying(reached=reached)(self._pass, progress)
                     return
                 except SlotWaitStopped:  # interrupted before it had a connection
                     return

@@ -133,6 +133,8 @@ def count_parts(kind: str | None, c: dict[str, int]) -> list[str]:
         parts.append(plural(c["failed_folders"], "failed folder"))
     if c.get("vanished"):
         parts.append(f"{c['vanished']} vanished")
+    if c.get("waited_seconds"):  # servers that pushed back (runner.BackoffAccount)
+        parts.append(f"waited {c['waited_seconds']:.1f} s for the server")
     return parts
 
 

@@ -11,16 +11,17 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_after_delay,
-                      wait_exponential)
+from tenacity import Retrying, retry_if_exception
 from tqdm import tqdm
 
 from .config import Endpoint, Job
-from .errors import MigrateError
+from .endpoints.backoff import ServerBackoff
+from .errors import MailboxError, MigrateError
 from .limits import ConnectionLimits
 from .results import JobResult, plural
 from .states import State
@@ -48,6 +49,11 @@ class RunOptions:
     # a retry loop gives up this many seconds after its first failure (with the back-off
     # above, 4 attempts take ~7 s: the bound is for slow failures, e.g. timeouts)
     retry_deadline: float = 120.0
+    # Servers that push back ([UNAVAILABLE], [THROTTLED], "Suggested Backoff Time", POP3
+    # [IN-USE]/[LOGIN-DELAY]): a job waits what they ask (at least the back-off above,
+    # backoff_default when they name no time), at most backoff_budget seconds in all.
+    backoff_budget: float = 600.0
+    backoff_default: float = 5.0
     batch_bytes: int = 4 * 1024 * 1024  # size bound of one FETCH/APPEND batch
     batch_messages: int = 200
     # Server capabilities to ignore (both sides), e.g. {"UIDPLUS"}: tests use it to exercise
@@ -121,6 +127,12 @@ class JobRunner:
         self._errors = 0
         self._halted: str | None = None  # why this job stops early, once it does
         self._halt_reported = False
+        self.backoff = BackoffAccount(options.backoff_budget, counters, self.warn)
+
+    def retrying(self, *, reached: bool = False) -> RetryLoop:
+        """A retry loop whose waits for servers that push back count against this job's
+        back-off budget (and show in its summary)."""
+        return RetryLoop(self.options, reached, self.backoff)
 
     def error(self, text: str) -> None:
         halt = None
@@ -244,11 +256,49 @@ class JobRunner:
         return len(theirs)
 
 
+class BackoffAccount:
+    """The time one job waits because servers asked it to: bounded in all by the budget
+    (waits of parallel workers add up), counted as ``waited_seconds``, and reported once
+    with the server's reason."""
+
+    def __init__(self, budget: float, counters: Counters | None = None, warn=None):
+        self.budget = budget
+        self.counters = counters
+        self.warn = warn
+        self.promised = 0.0  # seconds of waiting granted so far
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def reserve(self, seconds: float) -> bool:
+        """May the job wait ``seconds`` more?  If so they are granted (counted against
+        the budget at once, so parallel workers cannot overdraw it)."""
+        with self._lock:
+            if self.promised + seconds > self.budget:
+                return False
+            self.promised += seconds
+            return True
+
+    def waited(self, seconds: float, exc: ServerBackoff) -> None:
+        with self._lock:
+            first, self._warned = not self._warned, True
+        if self.counters is not None:
+            self.counters.add("waited_seconds", seconds)
+        if first and self.warn is not None:
+            self.warn(f"server {exc.server} pushed back ({exc.reason}); waiting as it asks, "
+                      f"at most {self.budget:g} s in all for this job")
+
+
 class RetryLoop:
     """Runs a unit of work again after transient (connection) errors, with exponential
-    back-off (tenacity), at most ``options.retries`` attempts and ``options.retry_deadline``
-    seconds.  Permanent errors pass through at once, and nothing is retried once the run
-    is asked to stop.
+    back-off, at most ``options.retries`` attempts and ``options.retry_deadline`` seconds
+    (waits for push-back not counted).  Permanent errors pass through at once, and
+    nothing is retried once the run is asked to stop.
+
+    A server that pushes back (ServerBackoff) is waited for as long as it asks - at
+    least the exponential back-off, ``options.backoff_default`` when it names no time -
+    bounded not by the attempts but by the job's back-off budget (``backoff``; without
+    one, a budget of this loop's own).  A wait the budget does not cover fails at once,
+    naming the server's reason and the budget.
 
     A server that is unreachable (refused, no answer) is only retried once a connection
     of this loop had reached it (``reached``, or an earlier attempt that failed later
@@ -256,9 +306,16 @@ class RetryLoop:
     gives up on leaves marked as not transient, so an enclosing loop does not retry the
     same thing again (retries never multiply)."""
 
-    def __init__(self, options: RunOptions, reached: bool):
+    def __init__(self, options: RunOptions, reached: bool,
+                 backoff: BackoffAccount | None = None):
         self.options = options
         self.reached = reached
+        self.backoff = backoff or BackoffAccount(options.backoff_budget)
+        self._failures = 0  # failures other than push-back
+        self._pushback_waits = 0.0  # seconds of this loop spent waiting for push-back
+        self._decided: tuple[int, tuple[bool, float]] = (0, (False, 0.0))
+        self._last: BaseException | None = None
+        self._refused_wait: float | None = None  # a push-back wait the budget refused
 
     def _worth_retrying(self, exc: BaseException) -> bool:
         if not (isinstance(exc, MigrateError) and exc.transient):
@@ -268,24 +325,81 @@ class RetryLoop:
             self.reached = True
         return self.reached and not self.options.stop.is_set()
 
+    def _exponential(self, attempt: int) -> float:
+        return min(30.0, self.options.retry_wait * 2 ** (attempt - 1))
+
+    def _decide(self, rs) -> tuple[bool, float]:
+        """(give up?, seconds to wait before the next attempt) after a failed attempt;
+        decided once per attempt (tenacity asks for the wait and the stop separately)."""
+        if self._decided[0] == rs.attempt_number:
+            return self._decided[1]
+        exc = rs.outcome.exception()
+        self._last = exc
+        backoff = self._exponential(rs.attempt_number)
+        if isinstance(exc, ServerBackoff):
+            hint = exc.retry_after
+            wait = max(backoff, self.options.backoff_default if hint is None else hint)
+            if self.backoff.reserve(wait):
+                decision = (False, wait)
+            else:
+                self._refused_wait = wait
+                decision = (True, 0.0)
+        else:
+            self._failures += 1
+            working = rs.seconds_since_start - self._pushback_waits
+            decision = (self._failures >= max(1, self.options.retries)
+                        or working >= self.options.retry_deadline, backoff)
+        self._decided = (rs.attempt_number, decision)
+        return decision
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, but not past a request to stop the run (a long push-back included)."""
+        exc = self._last
+        started = time.monotonic()
+        deadline = started + seconds
+        # at least what the server asked (a timed wait may wake a little early)
+        while not self.options.stop.is_set() and time.monotonic() < deadline:
+            self.options.stop.wait(deadline - time.monotonic())
+        slept = time.monotonic() - started
+        if isinstance(exc, ServerBackoff):
+            self._pushback_waits += slept
+            self.backoff.waited(slept, exc)
+        if self.options.stop.is_set() and exc is not None:
+            raise exc
+
+    def _before_sleep(self, rs) -> None:
+        exc = rs.outcome.exception()
+        if isinstance(exc, ServerBackoff):
+            log.warning("%s; waiting %.1f s before trying again", exc, self._decide(rs)[1])
+        else:
+            log.warning("connection problem (%s); retrying (attempt %d of %d)",
+                        exc, self._failures + 1, max(1, self.options.retries))
+
     def __call__(self, work, *args, **kwargs):
-        opts = self.options
-        attempts = max(1, opts.retries)
         loop = Retrying(
-            stop=stop_after_attempt(attempts) | stop_after_delay(opts.retry_deadline),
-            wait=wait_exponential(multiplier=opts.retry_wait, max=30),
+            stop=lambda rs: self._decide(rs)[0],
+            wait=lambda rs: self._decide(rs)[1],
+            sleep=self._sleep,
             retry=retry_if_exception(self._worth_retrying),
-            before_sleep=lambda rs: log.warning(
-                "connection problem (%s); retrying (attempt %d of %d)",
-                rs.outcome.exception(), rs.attempt_number + 1, attempts),
+            before_sleep=self._before_sleep,
             reraise=True)
         try:
             return loop(work, *args, **kwargs)
+        except ServerBackoff as exc:
+            if self._refused_wait is None:
+                exc.transient = False  # final: see the class comment
+                raise
+            raise MailboxError(
+                f"{exc}; gave up: waiting {self._refused_wait:g} s more would go beyond "
+                f"this job's back-off budget of {self.backoff.budget:g} s (waited "
+                f"{self.backoff.promised:g} s so far)") from None
         except MigrateError as exc:
             exc.transient = False  # final: see the class comment
             raise
 
 
-def retrying(options: RunOptions, *, reached: bool = False) -> RetryLoop:
-    """``retrying(options)(work, *args)``: see RetryLoop."""
-    return RetryLoop(options, reached)
+def retrying(options: RunOptions, *, reached: bool = False,
+             backoff: BackoffAccount | None = None) -> RetryLoop:
+    """``retrying(options)(work, *args)``: see RetryLoop; jobs use JobRunner.retrying,
+    which counts push-back waits against the job's budget."""
+    return RetryLoop(options, reached, backoff)

@@ -161,7 +161,10 @@ def test_imap_login_refusal_is_retried_only_when_temporary(reply, transient,
         job = {"name": "login", "kind": "imap-copy", "source": fake_source(server, ca_file),
                "destination": new_account.endpoint_toml("imap")}
         started = time.monotonic()
-        result = run(write_config(tmp_path / "c.toml", [job]), retries=3)
+        # push-back is bounded by the back-off budget, not the attempts: waits of 0.05 s
+        # and 0.1 s fit 0.2 s, the third (0.2 s) does not - 3 logins
+        result = run(write_config(tmp_path / "c.toml", [job]), retries=3,
+                     backoff_default=0.05, backoff_budget=0.2)
         elapsed = time.monotonic() - started
         logins = server.count(b" LOGIN ")
     finally:
@@ -172,7 +175,7 @@ def test_imap_login_refusal_is_retried_only_when_temporary(reply, transient,
     if transient:
         # plan loop around the pool's connect loop: once 3 attempts, not 3 × 3
         assert logins == 3, logins
-        assert "for now" in text
+        assert "for now" in text and "back-off budget of 0.2 s" in text
     else:
         assert logins == 1, logins
         assert "check the username" in text
@@ -191,7 +194,8 @@ def test_pop3_login_refusal_is_retried_only_when_temporary(reply, transient,
     try:
         job = {"name": "login", "kind": "pop3-archive", "source": fake_source(server, ca_file),
                "archive": {"path": str(tmp_path / "arch")}}
-        result = run(write_config(tmp_path / "c.toml", [job]), retries=3)
+        result = run(write_config(tmp_path / "c.toml", [job]), retries=3,
+                     backoff_default=0.05, backoff_budget=0.2)  # 3 logins, as above
         passes = server.count(b"PASS ")
     finally:
         server.close()

@@ -25,7 +25,8 @@ from imapclient.util import to_bytes
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, FolderError, MailboxError, MessageError
-from .contact import TemporarilyRefused, first_contact_failure, greeting_wait
+from .backoff import bucket_for, imap_pushback, pushback
+from .contact import first_contact_failure, greeting_wait
 from .sasl import (OAUTH_MECHANISMS, choose_oauth_mechanism, login_advice, login_who,
                    login_with_token, plain_response)
 from .tls import describe_tls_failure, server_aliases, ssl_context
@@ -216,6 +217,10 @@ def _guard(method):
         try:
             return method(self, *args, **kwargs)
         except (IMAPClientAbortError, OSError, EOFError) as exc:
+            if isinstance(exc, IMAPClientAbortError) and imap_pushback(str(exc)):
+                # "* BYE [UNAVAILABLE] ..." mid-session: the server asks us to come back
+                raise pushback(self.endpoint, f"mid-session ({method.__name__.strip('_')})",
+                               _server_text(exc)) from None
             raise ConnectionLost(
                 f"connection to {self.endpoint.host}:{self.endpoint.port} lost: "
                 f"{exc.__class__.__name__}: {exc}") from None
@@ -242,6 +247,7 @@ class ImapSession:
         self.fetch_refused: dict[int, str] = {}  # UID → why the server would not send it
         # keywords the server rejected ("BAD Unrecognized flag"): copied without them
         self.refused_keywords: set[str] = set()
+        self.rate = bucket_for(endpoint)  # max_bytes_per_second, shared per server
 
     # --- connection --------------------------------------------------------------
 
@@ -263,6 +269,8 @@ class ImapSession:
                                                       read=endpoint.timeout))
         except (OSError, EOFError, IMAPClientError) as exc:
             greeting_error = isinstance(exc, IMAPClientError)
+            if greeting_error and imap_pushback(_server_text(exc)):
+                raise pushback(endpoint, "the greeting", _server_text(exc)) from None
             raise first_contact_failure(endpoint, exc, greeting_error) from None
         try:
             client.normalise_times = False  # keep INTERNALDATE timezone-aware
@@ -291,14 +299,14 @@ class ImapSession:
         except LoginError as exc:
             _close_quietly(client)
             # imapclient turns *every* imaplib error during LOGIN into LoginError, a
-            # dropped connection (imaplib.abort: "socket error: ...") included.
+            # dropped connection (imaplib.abort: "socket error: ...") included; a
+            # "* BYE [UNAVAILABLE]" answer to LOGIN is push-back, not a drop.
+            if _login_refused_for_now(exc):  # ServerBackoff: waited for, then retried
+                raise pushback(endpoint, f"the login as {login_who(endpoint)}",
+                               _server_text(exc)) from None
             if "socket error" in str(exc) or isinstance(exc.__context__, IMAPClientAbortError):
                 raise ConnectionLost(f"connection to {where} dropped during login: {exc}") \
                     from None
-            if _login_refused_for_now(exc):
-                raise TemporarilyRefused(
-                    f"IMAP server {where} refused the login as {login_who(endpoint)} for now: "
-                    f"{_server_text(exc)}") from None
             raise MailboxError(
                 f"IMAP login as {login_who(endpoint)} at {where} failed: {_server_text(exc)}; "
                 f"{login_advice(endpoint, exc)}") from None
@@ -395,6 +403,9 @@ class ImapSession:
                 # sessions racing for that make one SELECT fail with ALREADYEXISTS.
                 if attempt == 1 and "ALREADYEXISTS" in str(exc).upper():
                     continue
+                if imap_pushback(str(exc)):  # e.g. NO [LIMIT] too many sessions
+                    raise pushback(self.endpoint, f"opening folder {name!r}",
+                                   _server_text(exc)) from None
                 raise FolderError(f"cannot open folder {name!r}: {_server_text(exc)}") \
                     from None
         self.selected = name
@@ -439,6 +450,8 @@ class ImapSession:
         except IMAPClientAbortError:
             raise
         except IMAPClientError as exc:
+            if imap_pushback(str(exc)):
+                raise pushback(self.endpoint, "FETCH", _server_text(exc)) from None
             raise FolderError(f"the server refused to list messages of {self.selected!r}: "
                               f"{_server_text(exc)}") from None
         typ, data = imap._untagged_response(typ, data, "FETCH")
@@ -454,6 +467,8 @@ class ImapSession:
         except IMAPClientAbortError:
             raise
         except IMAPClientError as exc:
+            if imap_pushback(str(exc)):  # throttled: not these messages' fault
+                raise pushback(self.endpoint, "FETCH", _server_text(exc)) from None
             if len(uids) == 1:
                 self.fetch_refused[uids[0]] = _server_text(exc)
                 return {}
@@ -471,7 +486,14 @@ class ImapSession:
         typ, data = imap._command_complete("FETCH", tag)
         self.client._checkok("fetch", typ, data)
         typ, data = imap._untagged_response(typ, data, "FETCH")
-        return {u: b for u, b in parse_body_fetch(data or ()).items() if u in wanted}
+        bodies = {u: b for u, b in parse_body_fetch(data or ()).items() if u in wanted}
+        self._pace(sum(len(b) for b in bodies.values()))
+        return bodies
+
+    def _pace(self, nbytes: int) -> None:
+        """Hold this thread until ``nbytes`` more fit the server's byte-rate limit."""
+        if self.rate is not None:
+            self.rate.take(nbytes)
 
     @_guard
     def append(self, folder: str, items: Sequence[AppendItem]) -> list[int | None | Exception]:
@@ -489,6 +511,7 @@ class ImapSession:
         """
         if not items:
             return []
+        self._pace(sum(len(it.body) for it in items))
         if len(items) > 1 and self.has("MULTIAPPEND") and self.has("LITERAL+"):
             try:
                 typ, data = self._multiappend_streamed(folder, items)
@@ -621,7 +644,9 @@ class ImapSession:
         typ, data = imap._command_complete("FETCH", tag)
         self.client._checkok("fetch", typ, data)
         typ, data = imap._untagged_response(typ, data, "FETCH")
-        return parse_body_fetch(data or ()).get(uid)
+        part = parse_body_fetch(data or ()).get(uid)
+        self._pace(len(part or b""))
+        return part
 
     @_guard
     def stream_body(self, uid: int, size: int, chunk: int) -> Iterator[bytes]:
@@ -668,6 +693,7 @@ class ImapSession:
             for piece in chunks:
                 if sent + len(piece) > size:
                     raise MessageError("message is larger than its announced size")
+                self._pace(len(piece))
                 imap.send(piece)
                 sent += len(piece)
             if sent != size:
@@ -809,5 +835,6 @@ def _close_quietly(client: IMAPClient) -> None:
 
 def _login_refused_for_now(exc: BaseException) -> bool:
     """A LOGIN refusal that will pass (RFC 5530 [UNAVAILABLE]: backend down, account being
-    moved; [INUSE]: locked by another session), unlike a wrong password."""
-    return re.search(r"\[(UNAVAILABLE|INUSE)\]", str(exc), re.IGNORECASE) is not None
+    moved; [INUSE]: locked by another session; [THROTTLED], [LIMIT]: too many sessions or
+    logins; a "Suggested Backoff Time"), unlike a wrong password.  See backoff.py."""
+    return imap_pushback(str(exc))

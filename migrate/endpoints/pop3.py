@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 from ..config import Endpoint
 from ..errors import ConnectionLost, MailboxError, MessageError
-from .contact import TemporarilyRefused, first_contact_failure, greeting_wait
+from .backoff import (bucket_for, is_login_delay, login_delay_from_capa, pop3_pushback,
+                      pushback)
+from .contact import first_contact_failure, greeting_wait
 from .sasl import (OAUTH_MECHANISMS, choose_oauth_mechanism, login_advice, login_who,
                    login_with_token, plain_response)
 from .tls import describe_tls_failure, server_aliases, ssl_context
@@ -57,6 +59,7 @@ class Pop3Session:
         self.client = client
         self.pipelining = False  # learnt from CAPA
         self.utf8 = False  # RFC 6856 UTF8 mode is on
+        self.rate = bucket_for(endpoint)  # max_bytes_per_second, shared per server
 
     @classmethod
     def connect(cls, endpoint: Endpoint) -> Pop3Session:
@@ -73,6 +76,8 @@ class Pop3Session:
                 client = poplib.POP3(endpoint.host, endpoint.port, timeout=wait)
         except (OSError, EOFError, poplib.error_proto) as exc:
             greeting_error = isinstance(exc, poplib.error_proto)
+            if greeting_error and pop3_pushback(_text(exc)):  # "-ERR [IN-USE] ..." greeting
+                raise pushback(endpoint, "the greeting", _text(exc)) from None
             raise first_contact_failure(endpoint, exc, greeting_error) from None
         try:
             client.sock.settimeout(endpoint.timeout)
@@ -98,13 +103,14 @@ class Pop3Session:
         try:
             _authenticate(client, endpoint)
         except poplib.error_proto as exc:
+            # -ERR [LOGIN-DELAY]: how long to wait is in CAPA (RFC 2449), asked now
+            delay = _login_delay(client) if is_login_delay(_text(exc)) else None
             _close_quietly(client)
             if _dropped(exc):
                 raise ConnectionLost(f"connection to {where} dropped during login") from None
-            if _login_refused_for_now(exc):
-                raise TemporarilyRefused(
-                    f"POP3 server {where} refused the login as {login_who(endpoint)} for now: "
-                    f"{_text(exc)}") from None
+            if _login_refused_for_now(exc):  # ServerBackoff: waited for, then retried
+                raise pushback(endpoint, f"the login as {login_who(endpoint)}", _text(exc),
+                               delay) from None
             raise MailboxError(
                 f"POP3 login as {login_who(endpoint)} at {where} failed: {_text(exc)}; "
                 f"{login_advice(endpoint, exc)}") from None
@@ -234,11 +240,22 @@ class Pop3Session:
                             f"POP3 RETR {number} refused: {_text(exc)}")
                         continue
                     sink = _Guarded(sink_for, number)
-                    count = _read_multiline(c.file, sink)
+                    count = _read_multiline(c.file, self._paced(sink))
                     yield number, sink.failure if sink.failure is not None else count
         except ConnectionLost as exc:
             exc.message_number = current  # whose response was awaited when it dropped
             raise
+
+    def _paced(self, deliver: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """``deliver``, holding the reader to the server's byte-rate limit, if any."""
+        if self.rate is None:
+            return deliver
+        rate = self.rate
+
+        def paced(block: bytes) -> None:
+            rate.take(len(block))
+            deliver(block)
+        return paced
 
     def mark_deleted(self, number: int) -> None:
         with self._command(lambda t: MailboxError(f"POP3 DELE {number} refused: {t}")):
@@ -337,9 +354,19 @@ def _text(value) -> str:
 
 
 def _login_refused_for_now(exc: poplib.error_proto) -> bool:
-    """-ERR [IN-USE] (mailbox locked by another session) and [SYS/TEMP] will pass
-    (RFC 2449, 3206); [AUTH], [SYS/PERM] and plain -ERR will not."""
-    return _text(exc).upper().startswith(("-ERR [IN-USE]", "-ERR [SYS/TEMP]"))
+    """-ERR [IN-USE] (mailbox locked by another session), [LOGIN-DELAY] (logged in too
+    soon) and [SYS/TEMP] will pass (RFC 2449, 3206); [AUTH], [SYS/PERM] and plain -ERR
+    will not.  See backoff.py."""
+    return pop3_pushback(_text(exc))
+
+
+def _login_delay(client: poplib.POP3) -> float | None:
+    """LOGIN-DELAY n from CAPA, asked after a [LOGIN-DELAY] refusal (still allowed in
+    the AUTHORIZATION state); None when the server does not say."""
+    try:
+        return login_delay_from_capa(client.capa())
+    except (poplib.error_proto, OSError, EOFError):
+        return None
 
 
 def _authenticate(client: poplib.POP3, endpoint: Endpoint) -> None:

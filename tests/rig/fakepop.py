@@ -20,6 +20,9 @@ class FakePop3:
         self.drop_on_retr: set[str] = set()  # UIDLs whose RETR closes the connection
         self.list_sizes: dict[str, int] = {}  # UIDL → size LIST announces instead
         self.deleted: list[str] = []
+        self.greeting_responses: list[bytes] = []  # each connection consumes one
+        self.pass_responses: list[bytes] = []  # each PASS consumes one, e.g. b"-ERR [IN-USE]"
+        self.capa_extra: list[bytes] = []  # more CAPA lines, e.g. b"LOGIN-DELAY 1"
         self._wire: dict[str, tuple[bytes, bytes]] = {}  # UIDL → (body, RETR answer)
         self.sessions: list[list[bytes]] = []  # the commands of each session, in order
         self._lock = threading.Lock()
@@ -82,7 +85,13 @@ class FakePop3:
             f.write(b"".join(line + b"\r\n" for line in lines))
             f.flush()
 
-        send(b"+OK fake POP3 ready")
+        with self._lock:
+            greeting = self.greeting_responses.pop(0) if self.greeting_responses else None
+        send(greeting or b"+OK fake POP3 ready")
+        if greeting and greeting.startswith(b"-ERR"):
+            f.close()
+            conn.close()
+            return
         for raw in f:
             parts = raw.strip().split()
             cmd = parts[0].upper() if parts else b""
@@ -91,7 +100,10 @@ class FakePop3:
             if cmd == b"CAPA":
                 send(b"+OK", b"USER", *([b"UIDL"] if self.uidl else []),
                      *([b"UTF8 USER"] if self.utf8 else []),
-                     *([b"PIPELINING"] if self.pipelining else []), b".")
+                     *([b"PIPELINING"] if self.pipelining else []), *self.capa_extra, b".")
+            elif cmd == b"PASS" and self.pass_responses:
+                with self._lock:
+                    send(self.pass_responses.pop(0))
             elif cmd in (b"USER", b"PASS", b"NOOP"):
                 send(b"+OK")
             elif cmd == b"UTF8" and self.utf8:
