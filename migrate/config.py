@@ -584,7 +584,8 @@ def _with_account(entry: dict, source_user: str, destination_user: str,
             for kind in PASSWORD_KINDS:
                 table.pop(kind, None)
             table["password"] = password
-        elif placeholder and not has_source:  # the rows may give it
+        elif (placeholder and not has_source and table.get("auth", "password") == "password"
+              and "oauth2_token_command" not in table):  # the rows may give it
             table["password"] = "placeholder"
     if archive is not None and isinstance(raw.get("archive"), dict):
         raw["archive"]["path"] = archive

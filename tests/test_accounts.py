@@ -224,3 +224,18 @@ def test_a_bad_row_fails_alone_and_the_run_exits_2(old_host, new_host, tmp_path)
     assert proc.stdout.strip().splitlines() == [
         line for line in proc.stdout.strip().splitlines() if line.startswith(
             f"many:{src.username}: ")]
+
+
+def test_admin_and_oauth2_entries_need_no_row_passwords(tmp_path):
+    admin = {"auth": "admin", "admin_user": "admin@old.example",
+             "admin_password_env": "ADMIN"}
+    job = _entry()
+    for side in ("source", "destination"):
+        for key in ("password_env", "password"):
+            job[side].pop(key, None)
+    job["source"].update(admin)
+    job["destination"]["oauth2_token_command"] = ["get-token"]
+    path = _write(tmp_path, "source_user\na@old.example\nb@old.example\n", [job])
+    jobs = cfg.load(path).jobs
+    assert [j.source.auth for j in jobs] == ["admin", "admin"]
+    assert [j.destination.auth for j in jobs] == ["oauth2", "oauth2"]
