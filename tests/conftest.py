@@ -16,7 +16,7 @@ import uuid
 import pytest
 import trustme
 
-from tests.rig.dovecot import DovecotServer
+from tests.rig.dovecot import DovecotServer, start_or_fail
 
 PG_ADMIN_URL = os.environ.get("MAILMIGRATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 _counter = itertools.count(1)
@@ -27,19 +27,9 @@ def test_ca() -> trustme.CA:
     return trustme.CA()
 
 
-def _start(server: DovecotServer) -> DovecotServer:
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001
-        server.cleanup()
-        pytest.fail(f"the {server.name} Dovecot server could not start: {exc}",
-                    pytrace=False)
-    return server
-
-
 @pytest.fixture(scope="session")
 def old_host(test_ca):
-    server = _start(DovecotServer("old", ".", test_ca, inbox_prefix=True,
+    server = start_or_fail(DovecotServer("old", ".", test_ca, inbox_prefix=True,
                                   special_use={"Sent Messages": "\\Sent"}))
     yield server
     server.cleanup()
@@ -47,7 +37,7 @@ def old_host(test_ca):
 
 @pytest.fixture(scope="session")
 def new_host(test_ca):
-    server = _start(DovecotServer(
+    server = start_or_fail(DovecotServer(
         "new", "/", test_ca, inbox_prefix=False,
         special_use={"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash",
                      "Junk": "\\Junk", "Archive": "\\Archive"}))

@@ -27,7 +27,7 @@ from migrate import config as cfg
 from migrate.engine import run_jobs
 from migrate.runner import RunOptions
 from tests.rig import mailgen
-from tests.rig.dovecot import DovecotServer
+from tests.rig.dovecot import DovecotServer, start_or_fail
 from tests.rig.jobs import imap_job, run_cli, write_config
 from tests.rig.proxy import CuttingProxy
 
@@ -367,13 +367,6 @@ def test_connection_cut_loop(seed, old_host, new_host, tmp_path):
 # --- 3. the destination server killed and restarted in the middle of a run --------------
 
 
-def _start(server: DovecotServer) -> None:
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"the {server.name} Dovecot server could not start: {exc}", pytrace=False)
-
-
 def maildir_files(server: DovecotServer) -> int:
     """Messages the server has stored, counted on its disk (cheap enough to poll)."""
     return sum(len(files) for root, _dirs, files in os.walk(server.homes)
@@ -411,8 +404,8 @@ def test_destination_restart_mid_run(test_ca, tmp_path):
     new = DovecotServer("new-restart", "/", test_ca, inbox_prefix=False,
                         special_use={"Sent": "\\Sent"})
     try:
-        _start(old)
-        _start(new)
+        start_or_fail(old)
+        start_or_fail(new)
         old_account = old.add_user("restart@old.test", "old-" + uuid.uuid4().hex[:10])
         new_account = new.add_user("restart@new.test", "new-" + uuid.uuid4().hex[:10])
         folders = sorted(DESTINATION_NAMES)
@@ -441,7 +434,7 @@ def test_destination_restart_mid_run(test_ca, tmp_path):
         running = proc.poll() is None
         stored_before = maildir_files(new)
         stop_and_wait(new)
-        _start(new)
+        start_or_fail(new)
         COUNTS["restarts"] += 1
         try:
             out, err = proc.communicate(timeout=180)

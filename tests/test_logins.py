@@ -16,7 +16,7 @@ from migrate.endpoints.imap import ImapSession
 from migrate.endpoints.pop3 import Pop3Session
 from migrate.errors import ConfigError, MailboxError
 from tests.rig import mailgen
-from tests.rig.dovecot import DovecotServer
+from tests.rig.dovecot import DovecotServer, start_or_fail
 from tests.rig.jobs import run, run_cli, write_config
 from tests.rig.oauth_idp import TokenIssuer
 
@@ -91,15 +91,6 @@ def test_failing_token_command_is_named_and_its_output_not_shown(tmp_path):
 # --- servers -----------------------------------------------------------------------
 
 
-def _started(server: DovecotServer) -> DovecotServer:
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001
-        server.cleanup()
-        pytest.fail(f"the {server.name} Dovecot server could not start: {exc}", pytrace=False)
-    return server
-
-
 @pytest.fixture(scope="module")
 def issuer():
     token_issuer = TokenIssuer().start()
@@ -110,7 +101,7 @@ def issuer():
 @pytest.fixture(scope="module")
 def login_host(test_ca, issuer):
     """Offers PLAIN with master users, and both OAUTHBEARER and XOAUTH2."""
-    server = _started(DovecotServer("logins", ".", test_ca, inbox_prefix=True,
+    server = start_or_fail(DovecotServer("logins", ".", test_ca, inbox_prefix=True,
                                     master_users={ADMIN: ADMIN_PASSWORD},
                                     oauth2_introspection_url=issuer.introspection_url))
     yield server
@@ -120,7 +111,7 @@ def login_host(test_ca, issuer):
 @pytest.fixture(scope="module")
 def xoauth2_host(test_ca, issuer):
     """Offers XOAUTH2 only (no OAUTHBEARER)."""
-    server = _started(DovecotServer("xoauth2", "/", test_ca, inbox_prefix=False,
+    server = start_or_fail(DovecotServer("xoauth2", "/", test_ca, inbox_prefix=False,
                                     oauth2_introspection_url=issuer.introspection_url,
                                     oauth2_mechanisms=("xoauth2",)))
     yield server

@@ -14,7 +14,7 @@ import pytest
 
 from tests.rig import mailgen
 from tests.rig.countingproxy import CountingProxy
-from tests.rig.dovecot import DovecotServer
+from tests.rig.dovecot import DovecotServer, start_or_fail
 from tests.rig.jobs import run_cli, write_config
 
 ADMIN = "migration-admin@old.test"
@@ -24,20 +24,11 @@ PER_MAILBOX = 4
 LIMIT = 3
 
 
-def _started(server: DovecotServer) -> DovecotServer:
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001
-        server.cleanup()
-        pytest.fail(f"the {server.name} Dovecot server could not start: {exc}", pytrace=False)
-    return server
-
-
 @pytest.fixture(scope="module")
 def admin_pair(test_ca):
-    old = _started(DovecotServer("many-old", ".", test_ca, inbox_prefix=True,
+    old = start_or_fail(DovecotServer("many-old", ".", test_ca, inbox_prefix=True,
                                  master_users={ADMIN: ADMIN_PASSWORD}))
-    new = _started(DovecotServer("many-new", "/", test_ca, inbox_prefix=False,
+    new = start_or_fail(DovecotServer("many-new", "/", test_ca, inbox_prefix=False,
                                  master_users={ADMIN: ADMIN_PASSWORD}))
     yield old, new
     old.cleanup()

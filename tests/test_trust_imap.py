@@ -10,9 +10,8 @@ import pytest
 
 from migrate.states import State
 from migrate.store import Store
-from tests.conftest import _start
 from tests.rig import mailgen
-from tests.rig.dovecot import DovecotServer
+from tests.rig.dovecot import DovecotServer, start_or_fail
 from tests.rig.jobs import imap_job, run, run_cli, write_config
 
 
@@ -78,7 +77,7 @@ def test_source_without_uidplus_gets_no_deleting_intent(old_account, new_account
 
 @pytest.fixture(scope="module")
 def public_host(test_ca):
-    server = _start(DovecotServer("public", ".", test_ca, inbox_prefix=True,
+    server = start_or_fail(DovecotServer("public", ".", test_ca, inbox_prefix=True,
                                   public_namespace=True))
     yield server
     server.cleanup()

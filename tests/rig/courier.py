@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from .dovecot import Account, free_port, wait_for_greeting
+from .dovecot import Account, free_port, start_or_fail, wait_for_greeting
 
 RIG_DIR = Path(os.environ.get("MAILMIGRATE_RIG_DIR", "/var/tmp/mailmigrate-rig"))
 ROOT = RIG_DIR / "courier"
@@ -294,11 +294,7 @@ def courier_host(test_ca):
         server = CourierServer("courier", test_ca)
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"Courier is not available: {exc}", pytrace=False)
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001
-        server.cleanup()
-        pytest.fail(f"the Courier server could not start: {exc}", pytrace=False)
+    start_or_fail(server, "Courier")
     yield server
     server.cleanup()
 

@@ -28,6 +28,7 @@ import pytest
 from imapclient import IMAPClient
 
 from .dovecot import Account, free_port, wait_for_greeting
+from .dovecot import start_or_fail as start_dovecot_or_fail
 
 RIG_DIR = Path(os.environ.get("MAILMIGRATE_RIG_DIR", "/var/tmp/mailmigrate-rig"))
 CYRUS_ROOT = RIG_DIR / "cyrus"
@@ -225,12 +226,7 @@ EVENTS {{
 
 def start_or_fail(server: CyrusServer) -> CyrusServer:
     """start(), or fail the test (never skip) with the reason; cleans up when it cannot."""
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001
-        server.cleanup()
-        pytest.fail(f"the {server.name} Cyrus server could not start: {exc}", pytrace=False)
-    return server
+    return start_dovecot_or_fail(server, "Cyrus")
 
 
 @pytest.fixture(scope="session")

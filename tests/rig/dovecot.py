@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
 
@@ -60,6 +62,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_or_fail(server, vendor: str = "Dovecot"):
+    """server.start(), or fail the test (never skip) with the reason, cleaning up what
+    was started: a green run must mean the behaviour was exercised."""
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001
+        server.cleanup()
+        pytest.fail(f"the {server.name} {vendor} server could not start: {exc}",
+                    pytrace=False)
+    return server
 
 
 def wait_for_greeting(port: int, timeout: float,
