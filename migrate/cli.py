@@ -75,21 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     unbind.add_argument("-c", "--config", required=True)
     unbind.add_argument("--host", help="the server, when the username is bound on several")
 
-    status = sub.add_parser(
-        "status", help="what the state database says about each job (read-only)")
-    status.add_argument("-c", "--config", required=True)
-    status.add_argument("--job", action="append", metavar="NAME",
-                        help="only this job (repeatable)")
-    status.add_argument("--json", action="store_true",
-                        help="one JSON document (schema mailmigrate.status/1)")
-
-    failed = sub.add_parser(
-        "failed", help="list every failed or quarantined message (read-only)")
-    failed.add_argument("-c", "--config", required=True)
-    failed.add_argument("--job", action="append", metavar="NAME",
-                        help="only this job (repeatable)")
-    failed.add_argument("--json", action="store_true",
-                        help="one JSON document (schema mailmigrate.failed/1)")
+    for name, what, schema in (
+            ("status", "what the state database says about each job (read-only)",
+             "mailmigrate.status/1"),
+            ("failed", "list every failed or quarantined message (read-only)",
+             "mailmigrate.failed/1")):
+        report = sub.add_parser(name, help=what)
+        report.add_argument("-c", "--config", required=True)
+        report.add_argument("--job", action="append", metavar="NAME",
+                            help="only this job (repeatable)")
+        report.add_argument("--json", action="store_true",
+                            help=f"one JSON document (schema {schema})")
     return p
 
 
