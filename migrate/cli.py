@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the config file and exit")
     check.add_argument("-c", "--config", required=True)
 
+    diagnose = sub.add_parser(
+        "check", help="connect to every server of every job, read-only, and say step by "
+                      "step what works and what to fix (exit 0: a run can go ahead)")
+    diagnose.add_argument("-c", "--config", required=True, help="the TOML config file")
+    diagnose.add_argument("--job", action="append", metavar="NAME",
+                          help="only this job (repeatable)")
+    diagnose.add_argument("--json", action="store_true",
+                          help="one JSON document (schema mailmigrate.check/1)")
+
     unbind = sub.add_parser(
         "unbind", help="release a mailbox's protocol binding (after the job using the "
                        "other protocol is finished for good)")
@@ -112,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_REFUSED if cfg.refusals else EXIT_OK
         if args.command == "unbind":
             return _unbind(args)
+        if args.command == "check":
+            return _check(args)
         if args.command in ("status", "failed"):
             return _report(args)
     except MigrateError as exc:
@@ -217,6 +228,27 @@ class StopOnSignal:
             os.write(2, f"mailmigrate: {name} again: stopping now; the next run "
                         "continues where this one stopped\n".encode())
             os._exit(128 + (self.signum or signum))
+
+
+def _check(args) -> int:
+    """check: read-only diagnosis of every endpoint; 0 when a run can go ahead."""
+    from . import check
+
+    cfg = config_mod.load(args.config)
+    items = cfg.select(args.job)
+    for refusal in items:
+        if isinstance(refusal, config_mod.Refusal):
+            print(f"mailmigrate: error: {refusal.name}: {refusal.message}", file=sys.stderr)
+    reports = check.check_jobs(cfg, [i for i in items if isinstance(i, config_mod.Job)])
+    if args.json:
+        print(json.dumps(check.check_document(reports, _now()),
+                         ensure_ascii=not check.unicode_terminal(sys.stdout),
+                         indent=2))
+    else:
+        print("\n".join(check.check_text(reports, check.unicode_terminal(sys.stdout))))
+    if len(reports) < len(items):
+        return EXIT_REFUSED
+    return EXIT_OK if check.passed(reports) else EXIT_FAILED
 
 
 def _unbind(args) -> int:

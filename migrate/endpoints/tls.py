@@ -127,3 +127,23 @@ def _upgrade(endpoint: Endpoint, sock: socket.socket) -> bool:
         return answer.upper().startswith(b"M1 OK")
     sock.sendall(b"STLS\r\n")
     return line().startswith(b"+OK")
+
+
+class StartTlsRefused(OSError):
+    """The server did not agree to STARTTLS / STLS on a plaintext connection."""
+
+
+def tls_connect(endpoint: Endpoint, ctx: ssl.SSLContext, wait: float) -> ssl.SSLSocket:
+    """A TLS connection to ``endpoint`` the way a job makes it (implicit TLS, or STARTTLS /
+    STLS first), with ``ctx`` deciding what is verified; nothing else is sent, no login.
+    Raises OSError (ssl.SSLError, StartTlsRefused); the caller closes the socket."""
+    raw = socket.create_connection((endpoint.host, endpoint.port), timeout=wait)
+    try:
+        if endpoint.security != "ssl" and not _upgrade(endpoint, raw):
+            raise StartTlsRefused(
+                f"{endpoint.host}:{endpoint.port} refused "
+                f"{'STARTTLS' if endpoint.protocol == 'imap' else 'STLS'}")
+        return ctx.wrap_socket(raw, server_hostname=endpoint.host)
+    except BaseException:
+        raw.close()
+        raise

@@ -101,8 +101,12 @@ class DovecotServer:
                  special_use: dict[str, str] | None = None, public_namespace: bool = False,
                  master_users: dict[str, str] | None = None,
                  oauth2_introspection_url: str | None = None,
-                 oauth2_mechanisms: tuple[str, ...] = ("oauthbearer", "xoauth2")):
+                 oauth2_mechanisms: tuple[str, ...] = ("oauthbearer", "xoauth2"),
+                 cert_names: tuple[str, ...] = ("127.0.0.1", "localhost")):
         self.name = name
+        # the names the server's certificate covers (others: a certificate issued for
+        # another name than the one the client connects with)
+        self.cert_names = cert_names
         # admin (master) users: name -> password; they log in on behalf of any user with
         # SASL PLAIN's authorization identity (off unless given)
         self.master_users = master_users or {}
@@ -128,7 +132,7 @@ class DovecotServer:
         self.ca_file = self.base / "ca.pem"
         self._users: list[str] = []
         ca.cert_pem.write_to_path(str(self.ca_file))
-        cert = ca.issue_cert("127.0.0.1", "localhost")
+        cert = ca.issue_cert(*cert_names)
         cert.cert_chain_pems[0].write_to_path(str(self.base / "cert.pem"))
         for extra in cert.cert_chain_pems[1:]:
             extra.write_to_path(str(self.base / "cert.pem"), append=True)

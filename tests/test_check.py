@@ -1,0 +1,411 @@
+"""`mailmigrate check`: each diagnosis against real servers (Dovecot, Courier; the fakes
+only for what no real server does on demand: no UIDL, an announced APPENDLIMIT), the
+exit codes, the JSON document, ASCII marks, and that it changes nothing anywhere."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import uuid
+
+import pytest
+
+from tests.rig import mailgen
+from tests.rig.courier import courier_account, courier_host  # noqa: F401
+from tests.rig.dovecot import DovecotServer, start_or_fail
+from tests.rig.fakeimap import FakeImapServer
+from tests.rig.fakepop import FakePop3
+from tests.rig.jobs import imap_job, run, run_cli, write_config
+from tests.rig.untouched import untouched
+
+UTF8 = {"PYTHONIOENCODING": "utf-8"}
+MISNAMED = ("mail.example.test", "imap.example.test")
+
+
+@pytest.fixture(scope="module")
+def misnamed_host(test_ca):
+    """A Dovecot whose certificate is issued for other names than 127.0.0.1."""
+    server = start_or_fail(DovecotServer("misnamed", "/", test_ca, inbox_prefix=False,
+                                         cert_names=MISNAMED))
+    yield server
+    server.cleanup()
+
+
+def fill(account, sizes: list[int], folder: str = "INBOX") -> None:
+    rng = random.Random(len(sizes))
+    msgs = []
+    for i, size in enumerate(sizes):
+        body, mid = mailgen.make_message(rng, i, size=size)
+        msgs.append(mailgen.TestMessage(folder, body, ("\\Seen",) if i % 2 else (),
+                                        dt.datetime(2020, 1, 2, tzinfo=dt.timezone.utc), mid))
+    mailgen.fill(account, msgs)
+
+
+def check(config, *args, env=None):
+    proc = run_cli("check", "-c", str(config), *args, env={**UTF8, **(env or {})})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def check_json(config, *args):
+    proc = check(config, "--json", *args)
+    return proc, json.loads(proc.stdout)
+
+
+def checks_of(document, role: str) -> dict:
+    (job,) = document["jobs"]
+    (endpoint,) = [e for e in job["endpoints"] if e["role"] == role]
+    return {c["name"]: c for c in endpoint["checks"]}
+
+
+def state_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+# --- a healthy job, read-only ---------------------------------------------------------
+
+def test_check_passes_and_changes_nothing(old_account, new_account, tmp_path):
+    """A job that ran once, then got two more messages: every step passes, the sizes
+    left to copy count only the new ones, and neither server nor the state database
+    changes (read-only witness)."""
+    fill(old_account, [2_000, 3_000, 4_000])
+    url = state_url(tmp_path)
+    assert run(write_config(tmp_path / "first.toml",
+                            [imap_job("alice", old_account, new_account)], url)).ok
+    fill(old_account, [5_000, 6_000])
+    # the same job, now with deletion turned on: what check says about UIDPLUS
+    config = write_config(tmp_path / "c.toml",
+                          [imap_job("alice", old_account, new_account,
+                                    delete_after_verify=True)], url)
+    with untouched(imap=[old_account, new_account], state_url=url):
+        proc = check(config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for step in ("dns:", "tcp:", "greeting:", "tls handshake:", "certificate chain:",
+                 "certificate expiry:", "certificate name:", "login:", "UIDPLUS:",
+                 "MULTIAPPEND:", "QUOTA:", "protocol binding:", "quota:"):
+        assert f"✓ {step}" in out, (step, out)
+    assert "3 already copied" in out and "at most 2 messages" in out
+    assert "bound to IMAP by job 'alice'" in out
+    assert "deletion after verification removes exactly the copied messages" in out
+    assert "✗" not in out
+    assert "alice: ready to run" in out
+    # the usual ports of the host were probed (closed on the test machine's loopback)
+    assert "mail ports on this host: 993" in out
+
+
+def test_check_pop3_archive_is_read_only(old_account, tmp_path):
+    fill(old_account, [1_500, 2_500])
+    archive = tmp_path / "archive"
+    url = state_url(tmp_path)
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "pull", "kind": "pop3-archive",
+        "source": old_account.endpoint_toml("pop3"),
+        "archive": {"path": str(archive)}}], url)
+    assert run(config).ok
+    with untouched(pop3=[old_account], state_url=url, paths=[archive]):
+        proc, doc = check_json(config)
+    assert proc.returncode == 0, proc.stdout
+    source = checks_of(doc, "source")
+    assert source["UIDL"]["ok"] and source["login"]["ok"]
+    assert source["mailbox"]["detail"].startswith("2 messages")
+    archive_checks = checks_of(doc, "archive")
+    assert archive_checks["archive path"]["ok"]
+    assert "exists and is writable" in archive_checks["archive path"]["detail"]
+    assert "at most 0 bytes to archive" in archive_checks["free space"]["detail"]
+
+
+def test_check_creates_no_state_database(old_account, new_account, tmp_path):
+    config = write_config(tmp_path / "c.toml", [imap_job("fresh", old_account, new_account)],
+                          state_url(tmp_path))
+    proc = check(config)
+    assert proc.returncode == 0, proc.stdout
+    assert "no state database yet" in proc.stdout
+    assert not (tmp_path / "state.db").exists()
+
+
+# --- TLS ---------------------------------------------------------------------------
+
+def test_certificate_for_other_names_named_in_check_and_run(misnamed_host, new_account,
+                                                             tmp_path):
+    account = misnamed_host.add_user(f"misnamed-{uuid.uuid4().hex[:8]}@old.test", "pw-1")
+    config = write_config(tmp_path / "c.toml", [imap_job("misnamed", account, new_account)],
+                          state_url(tmp_path))
+    proc, doc = check_json(config)
+    assert proc.returncode == 1
+    source = checks_of(doc, "source")
+    assert source["certificate chain"]["ok"]  # the CA is right, only the name is not
+    name = source["certificate name"]
+    assert not name["ok"] and name["severity"] == "error"
+    for covered in MISNAMED:
+        assert repr(covered) in name["detail"], name
+    assert "set host to one of them" in name["detail"]
+    assert "login" not in source  # no login over a certificate that does not fit
+    result = run(config)
+    assert not result.ok
+    errors = " ".join(result.errors)
+    for covered in MISNAMED:
+        assert repr(covered) in errors, errors
+    # check and run say it in the same words
+    assert name["detail"] in errors
+
+
+def test_untrusted_chain_suggests_ca_file(old_account, new_account, tmp_path):
+    source = old_account.endpoint_toml("imap")
+    del source["ca_file"]
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "noca", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    proc, doc = check_json(config)
+    assert proc.returncode == 1
+    chain = checks_of(doc, "source")["certificate chain"]
+    assert not chain["ok"] and "not trusted" in chain["detail"]
+    assert "ca_file" in chain["hint"]
+
+
+# --- ports and security --------------------------------------------------------------
+
+def test_plaintext_port_gets_the_advice(old_account, new_account, tmp_path):
+    """security = "none" (allowed): a warning with the advice to use 993/995 or
+    STARTTLS; a run can still go ahead (exit 0)."""
+    source = old_account.endpoint_toml("imap", security="none", allow_insecure=True)
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "plain", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    proc = check(config)
+    assert proc.returncode == 0, proc.stdout
+    assert "! encryption: security = \"none\"" in proc.stdout
+    assert ("→ most providers disable the plaintext ports 143 (IMAP) and 110 (POP3)"
+            in proc.stdout)
+    assert "use 993 (IMAP) or 995 (POP3)" in proc.stdout and "STARTTLS" in proc.stdout
+    assert "plain: ready to run, 1 warning" in proc.stdout
+
+
+def test_tls_client_on_plaintext_port(old_account, new_account, tmp_path):
+    source = old_account.endpoint_toml("imap")
+    source["port"] = old_account.server.ports["imap"]  # the plaintext port, ssl kept
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "mixup", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    proc, doc = check_json(config)
+    assert proc.returncode == 1
+    greeting = checks_of(doc, "source")["greeting"]
+    assert not greeting["ok"]
+    assert greeting["detail"].startswith("TLS client on a plaintext port: ")
+    assert "security = \"starttls\"" in greeting["detail"]
+
+
+def test_plaintext_client_on_tls_port(old_account, new_account, tmp_path):
+    source = old_account.endpoint_toml("imap", security="starttls", timeout=2)
+    source["port"] = old_account.server.ports["imaps"]  # the TLS port, spoken to plainly
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "mixup", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    proc, doc = check_json(config)
+    assert proc.returncode == 1
+    greeting = checks_of(doc, "source")["greeting"]
+    assert greeting["detail"].startswith("plaintext client on a TLS port: ")
+    assert "use security = \"ssl\"" in greeting["detail"]
+
+
+def test_closed_port(old_account, new_account, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    source = old_account.endpoint_toml("imap")
+    source["port"] = closed
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "closed", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    proc, doc = check_json(config)
+    assert proc.returncode == 1
+    tcp = checks_of(doc, "source")["tcp"]
+    assert not tcp["ok"] and "connection refused" in tcp["detail"]
+
+
+# --- login -------------------------------------------------------------------------
+
+def test_wrong_password(old_account, new_account, tmp_path):
+    source = old_account.endpoint_toml("imap")
+    source["password"] = "not-" + old_account.password
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "wrongpw", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    proc = check(config)
+    assert proc.returncode == 1
+    assert "✗ login: IMAP login as " in proc.stdout
+    assert "usually the full email address" in proc.stdout
+    assert source["password"] not in proc.stdout + proc.stderr
+    # the destination was still checked: one problem, one place
+    assert proc.stdout.count("✗") == 1
+
+
+def test_short_username(old_account, new_account, tmp_path):
+    short = old_account.username.split("@")[0]
+    source = old_account.endpoint_toml("imap", allow_short_username=True)
+    source["username"] = short
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "short", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    proc, doc = check_json(config)
+    assert proc.returncode == 1
+    login = checks_of(doc, "source")["login"]
+    assert not login["ok"]
+    assert f"the username {short!r} has no '@'" in login["hint"]
+    assert "usually the full email address" in login["hint"]
+
+
+# --- POP3 ----------------------------------------------------------------------------
+
+def test_missing_uidl(tmp_path):
+    pop = FakePop3({"a": b"Subject: x\r\n\r\nhello\r\n"}, uidl=False)
+    try:
+        config = write_config(tmp_path / "c.toml", [{
+            "name": "nouidl", "kind": "pop3-archive", "source": pop.job_source(),
+            "archive": {"path": str(tmp_path / "archive")}}], state_url(tmp_path))
+        proc, doc = check_json(config)
+    finally:
+        pop.close()
+    assert proc.returncode == 1
+    uidl = checks_of(doc, "source")["UIDL"]
+    assert not uidl["ok"] and uidl["severity"] == "error"
+    assert "resumable archive is impossible" in uidl["detail"]
+    # nothing committed: the session ended with RSET and never deleted
+    assert pop.deleted == []
+    assert all(b"DELE" not in c and b"RETR" not in c for s in pop.sessions for c in s)
+    assert not (tmp_path / "archive").exists()
+
+
+# --- space ---------------------------------------------------------------------------
+
+def test_destination_over_quota(old_account, new_host, tmp_path):
+    fill(old_account, [12_000, 12_000, 12_000])  # ~36 KB
+    small = new_host.add_user(f"small-{uuid.uuid4().hex[:8]}@new.test", "pw-small",
+                              quota_rule="*:storage=20K")
+    config = write_config(tmp_path / "c.toml", [imap_job("full", old_account, small)],
+                          state_url(tmp_path))
+    proc, doc = check_json(config)
+    assert proc.returncode == 1
+    quota = checks_of(doc, "destination")["quota"]
+    assert not quota["ok"] and quota["detail"].startswith("destination over quota: ")
+    assert "free (0 bytes used of 20.0 KB)" in quota["detail"]
+    assert "raise the mailbox's quota" in quota["hint"]
+
+
+def test_messages_above_appendlimit(old_account, tmp_path):
+    """Dovecot 2.3 enforces quota_max_mail_size but announces no APPENDLIMIT (checked:
+    neither in CAPABILITY nor in STATUS), so the destination is the scriptable fake."""
+    fill(old_account, [1_000, 9_000, 20_000])
+    fake = FakeImapServer()
+    fake.capabilities.add("APPENDLIMIT=8000")
+    try:
+        config = write_config(tmp_path / "c.toml", [{
+            "name": "limit", "kind": "imap-copy",
+            "source": old_account.endpoint_toml("imap"),
+            "destination": fake.job_endpoint()}], state_url(tmp_path))
+        proc, doc = check_json(config)
+    finally:
+        fake.close()
+    assert proc.returncode == 1
+    dest = checks_of(doc, "destination")
+    assert dest["APPENDLIMIT"]["ok"] and "7.8 KB" in dest["APPENDLIMIT"]["detail"]
+    size = dest["message size"]
+    assert not size["ok"]
+    assert size["detail"].startswith("2 messages are larger than the destination's "
+                                     "APPENDLIMIT")
+    assert "the largest: 19." in size["detail"] and "in 'INBOX'" in size["detail"]
+    assert not [line for _sid, line in fake.log
+                if line.split()[0].upper() in ("APPEND", "CREATE", "STORE", "EXPUNGE")]
+
+
+# --- protocol binding ------------------------------------------------------------------
+
+def test_binding_conflict_from_state_database(old_account, new_account, tmp_path):
+    """The mailbox was archived over POP3 by another config's job: an IMAP job on it is
+    refused, by check as by run."""
+    url = state_url(tmp_path)
+    pop_config = write_config(tmp_path / "pop.toml", [{
+        "name": "pull", "kind": "pop3-archive", "source": old_account.endpoint_toml("pop3"),
+        "archive": {"path": str(tmp_path / "archive")}}], url)
+    assert run(pop_config).ok
+    config = write_config(tmp_path / "c.toml", [imap_job("copy", old_account, new_account)],
+                          url)
+    with untouched(state_url=url):
+        proc, doc = check_json(config)
+    assert proc.returncode == 1
+    binding = checks_of(doc, "source")["protocol binding"]
+    assert not binding["ok"]
+    assert "bound to POP3 by job 'pull'" in binding["detail"]
+    assert "mailmigrate unbind" in binding["detail"]
+
+
+# --- another vendor ---------------------------------------------------------------------
+
+def test_check_against_courier(courier_account, new_account, tmp_path):  # noqa: F811
+    fill(courier_account, [2_000, 3_000])
+    config = write_config(tmp_path / "c.toml",
+                          [imap_job("courier", courier_account, new_account)],
+                          state_url(tmp_path))
+    with untouched(imap=[courier_account, new_account]):
+        proc, doc = check_json(config)
+    assert proc.returncode == 0, proc.stdout
+    source = checks_of(doc, "source")
+    assert source["login"]["ok"] and source["certificate name"]["ok"]
+    assert source["greeting"]["ok"] and source["UIDPLUS"]["ok"]
+    assert "2 messages" in source["to copy"]["detail"]
+
+
+# --- exit codes, JSON, terminal ------------------------------------------------------------
+
+def test_bad_config_exits_2(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[[jobs]]\nname = "x"\nkind = "imap-copy"\n')
+    proc = check(config)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("mailmigrate: error:")
+    proc = run_cli("check", "-c", str(config), "--job", "nope")
+    assert proc.returncode == 2
+
+
+def test_json_document_shape(old_account, new_account, tmp_path):
+    config = write_config(tmp_path / "c.toml", [imap_job("shape", old_account, new_account)],
+                          state_url(tmp_path))
+    proc, doc = check_json(config, "--job", "shape")
+    assert proc.returncode == 0
+    assert set(doc) == {"schema", "generated_at", "ok", "jobs"}
+    assert doc["schema"] == "mailmigrate.check/1" and doc["ok"] is True
+    dt.datetime.fromisoformat(doc["generated_at"])
+    (job,) = doc["jobs"]
+    assert job["name"] == "shape" and job["kind"] == "imap-copy"
+    assert [e["role"] for e in job["endpoints"]] == ["source", "destination"]
+    for endpoint in job["endpoints"]:
+        assert {"role", "host", "port", "protocol", "checks"} <= set(endpoint)
+        assert endpoint["host"] == "127.0.0.1" and endpoint["protocol"] == "imap"
+        assert isinstance(endpoint["port"], int)
+        for c in endpoint["checks"]:
+            assert set(c) == {"name", "ok", "severity", "detail", "hint"}
+            assert isinstance(c["ok"], bool) and isinstance(c["detail"], str)
+            assert c["severity"] in ("error", "warning", "info")
+            assert c["hint"] is None or isinstance(c["hint"], str)
+            assert new_account.password not in c["detail"]
+
+
+def test_ascii_marks_when_terminal_is_not_utf8(old_account, new_account, tmp_path):
+    source = old_account.endpoint_toml("imap")
+    source["password"] = "wrong"
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "ascii", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap", security="none",
+                                                 allow_insecure=True)}],
+        state_url(tmp_path))
+    proc = check(config, env={"PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 1
+    assert "    ok   dns:" in proc.stdout
+    assert "    FAIL login:" in proc.stdout
+    assert "    WARN encryption:" in proc.stdout
+    assert "        -> most providers disable the plaintext ports" in proc.stdout
+    assert "✓" not in proc.stdout and "✗" not in proc.stdout
+    proc.stdout.encode("ascii")  # nothing else either
