@@ -39,7 +39,8 @@ from .store import Store, sqlite_file
 SCHEMA = "mailmigrate.check/1"
 ERROR, WARNING, INFO = "error", "warning", "info"
 EXPIRY_WARNING_DAYS = 14
-SCAN_PORTS = (993, 143, 995, 110)
+# the usual ports of the quick scan → spoken to over TLS?
+SCAN_PORTS = {993: True, 143: False, 995: True, 110: False}
 SCAN_WAIT = 2.0  # per port of the quick scan: a look, not a connection attempt
 # the copy of a message in these states is at the destination (or in the archive)
 DONE_STATES = (State.COPIED, State.VERIFIED, State.DELETING)
@@ -219,7 +220,7 @@ def _reachable(rep: EndpointReport, endpoint: Endpoint) -> bool:
     if answering:
         hint = (f"{proto} answers on port {answering[0]} ({scan[answering[0]]}); use "
                 f"port = {answering[0]} with security = "
-                f"\"{'ssl' if answering[0] in (993, 995) else 'starttls'}\""
+                f"\"{'ssl' if SCAN_PORTS[answering[0]] else 'starttls'}\""
                 + (f" ({PLAINTEXT_ADVICE})" if hint else ""))
     rep.add("tcp", False, problem, hint=hint or f"check host and port ({proto} over TLS: "
                                                 f"{tls_port})")
@@ -230,10 +231,9 @@ def _scan(endpoint: Endpoint) -> dict[int, str]:
     """What answers on the usual IMAP/POP3 ports of the configured host (a quick look
     each; the configured port itself has its own steps)."""
     out = {}
-    for port in SCAN_PORTS:
+    for port, tls in SCAN_PORTS.items():
         if port == endpoint.port:
             continue
-        tls = port in (993, 995)
         seen = probe(dataclasses.replace(endpoint, port=port, timeout=SCAN_WAIT), tls=tls)
         if not seen.connected:
             out[port] = "closed"
@@ -485,6 +485,9 @@ def _binding(rep: EndpointReport, session, job: Job, store: Store | None,
         rep.add("protocol binding", True, f"no state database yet ({database}): the first "
                 f"run binds this mailbox to {proto}")
         return
+    if store.job_is_running(job.name):
+        rep.add("running", False, f"a run of job {job.name!r} is going on right now",
+                hint="a second run would exit with code 3 until it ends", severity=WARNING)
     try:
         binding = store.bind_mailbox(
             session.server_aliases, f"{src.host}:{src.port}", src.username, src.protocol,

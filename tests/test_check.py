@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import socket
+import ssl
 import uuid
 
 import pytest
@@ -16,6 +18,8 @@ from tests.rig.courier import courier_account, courier_host  # noqa: F401
 from tests.rig.dovecot import DovecotServer, start_or_fail
 from tests.rig.fakeimap import FakeImapServer
 from tests.rig.fakepop import FakePop3
+from migrate import check as check_mod
+from migrate import config as config_mod
 from tests.rig.jobs import imap_job, run, run_cli, write_config
 from tests.rig.untouched import untouched
 
@@ -209,12 +213,14 @@ def test_plaintext_client_on_tls_port(old_account, new_account, tmp_path):
     assert "use security = \"ssl\"" in greeting["detail"]
 
 
-def test_closed_port(old_account, new_account, tmp_path):
-    import socket
-
+def closed_port() -> int:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_closed_port(old_account, new_account, tmp_path):
+    closed = closed_port()
     source = old_account.endpoint_toml("imap")
     source["port"] = closed
     config = write_config(tmp_path / "c.toml", [{
@@ -224,6 +230,56 @@ def test_closed_port(old_account, new_account, tmp_path):
     assert proc.returncode == 1
     tcp = checks_of(doc, "source")["tcp"]
     assert not tcp["ok"] and "connection refused" in tcp["detail"]
+
+
+def test_port_scan_says_what_answers_where(old_account, new_account, tmp_path,
+                                           monkeypatch):
+    """The quick look at the usual ports, pointed at Dovecot's (random) ports instead of
+    993/143/995/110: each is named with what answers; the configured port being closed,
+    the hint names the port where the protocol answers."""
+    ports = old_account.server.ports
+    monkeypatch.setattr(check_mod, "SCAN_PORTS", {
+        ports["imaps"]: True, ports["imap"]: False, ports["pop3s"]: True,
+        ports["pop3"]: False, closed_port(): True})
+    source = old_account.endpoint_toml("imap")
+    source["port"] = closed_port()
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "scan", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    (report,) = check_mod.check_jobs(config_mod.load(config), config_mod.load(config).jobs)
+    checks = {c.name: c for c in report.endpoints[0].checks}
+    scan = checks["ports"].detail
+    assert f"{ports['imaps']} IMAP over TLS" in scan
+    assert f"{ports['imap']} IMAP plaintext" in scan
+    assert f"{ports['pop3s']} POP3 over TLS" in scan
+    assert f"{ports['pop3']} POP3 plaintext" in scan
+    assert "closed" in scan
+    assert not checks["tcp"].ok
+    assert checks["tcp"].hint.startswith(
+        f"IMAP answers on port {ports['imaps']} (IMAP over TLS); use port = "
+        f"{ports['imaps']} with security = \"ssl\"")
+    assert not report.ok
+
+
+def test_certificate_about_to_expire_is_a_warning(test_ca, new_account, tmp_path):
+    """Warnings do not block: exit 0, the days left named."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert("127.0.0.1", not_after=dt.datetime.now(dt.timezone.utc)
+                       + dt.timedelta(days=5, hours=12)).configure_cert(ctx)
+    fake = FakeImapServer(ssl_context=ctx, ca_pem=test_ca.cert_pem.bytes())
+    try:
+        config = write_config(tmp_path / "c.toml", [{
+            "name": "expiring", "kind": "imap-copy", "source": fake.job_endpoint(),
+            "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+        proc, doc = check_json(config)
+    finally:
+        fake.close()
+    assert proc.returncode == 0, proc.stdout
+    assert doc["ok"] is True
+    expiry = checks_of(doc, "source")["certificate expiry"]
+    assert not expiry["ok"] and expiry["severity"] == "warning"
+    assert expiry["detail"].startswith("expires in 5 days")
+    assert "renew" in expiry["hint"]
 
 
 # --- login -------------------------------------------------------------------------
@@ -258,6 +314,31 @@ def test_short_username(old_account, new_account, tmp_path):
     assert "usually the full email address" in login["hint"]
 
 
+def test_admin_login_as_configured(test_ca, new_account, tmp_path):
+    server = start_or_fail(DovecotServer("check-admin", ".", test_ca, inbox_prefix=True,
+                                         master_users={"root@admin.test": "admin-secret"}))
+    try:
+        user = server.add_user(f"u-{uuid.uuid4().hex[:8]}@old.test", "own-secret")
+        source = user.endpoint_toml("imap", auth="admin", admin_user="root@admin.test",
+                                    admin_password_env="MM_CHECK_ADMIN")
+        del source["password"]
+        config = write_config(tmp_path / "c.toml", [{
+            "name": "admin", "kind": "imap-copy", "source": source,
+            "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+        proc = check(config, env={"MM_CHECK_ADMIN": "admin-secret"})
+        assert proc.returncode == 0, proc.stdout
+        assert (f"✓ login: logged in as {user.username} (as admin root@admin.test) (admin "
+                "login as root@admin.test from environment variable MM_CHECK_ADMIN)"
+                in proc.stdout)
+        wrong = check(config, env={"MM_CHECK_ADMIN": "not-it"})
+    finally:
+        server.cleanup()
+    assert wrong.returncode == 1
+    assert "✗ login:" in wrong.stdout and "check admin_user (root@admin.test)" in wrong.stdout
+    for out in (proc.stdout, wrong.stdout, proc.stderr, wrong.stderr):
+        assert "admin-secret" not in out and "not-it" not in out
+
+
 # --- POP3 ----------------------------------------------------------------------------
 
 def test_missing_uidl(tmp_path):
@@ -276,6 +357,9 @@ def test_missing_uidl(tmp_path):
     # nothing committed: the session ended with RSET and never deleted
     assert pop.deleted == []
     assert all(b"DELE" not in c and b"RETR" not in c for s in pop.sessions for c in s)
+    # the fake does not know RSET: then no QUIT either (QUIT is what commits)
+    last = [c.split()[0] for c in pop.sessions[-1]]
+    assert last[-1] == b"RSET" and b"QUIT" not in last
     assert not (tmp_path / "archive").exists()
 
 
@@ -340,6 +424,16 @@ def test_binding_conflict_from_state_database(old_account, new_account, tmp_path
     assert not binding["ok"]
     assert "bound to POP3 by job 'pull'" in binding["detail"]
     assert "mailmigrate unbind" in binding["detail"]
+
+
+def test_overlapping_jobs_in_config_exit_2(old_account, new_account, tmp_path):
+    config = write_config(tmp_path / "c.toml", [
+        imap_job("copy", old_account, new_account),
+        {"name": "pull", "kind": "pop3-archive", "source": old_account.endpoint_toml("pop3"),
+         "archive": {"path": str(tmp_path / "archive")}}], state_url(tmp_path))
+    proc = check(config)
+    assert proc.returncode == 2
+    assert "use one protocol per mailbox" in proc.stderr
 
 
 # --- another vendor ---------------------------------------------------------------------
