@@ -16,7 +16,7 @@ import pytest
 from tests.rig import mailgen
 from tests.rig.courier import courier_account, courier_host  # noqa: F401
 from tests.rig.dovecot import DovecotServer, start_or_fail
-from tests.rig.fakeimap import FakeImapServer
+from tests.rig.fakeimap import DEFAULT_CAPABILITIES, FakeImapServer
 from tests.rig.fakepop import FakePop3
 from migrate import check as check_mod
 from migrate import config as config_mod
@@ -232,6 +232,35 @@ def test_closed_port(old_account, new_account, tmp_path):
     assert not tcp["ok"] and "connection refused" in tcp["detail"]
 
 
+def test_closed_plaintext_port_gets_the_advice(old_account, new_account, tmp_path,
+                                               monkeypatch):
+    monkeypatch.setattr(check_mod, "SCAN_PORTS", {})  # only the configured port
+    source = old_account.endpoint_toml("imap", security="starttls")
+    source["port"] = closed_port()
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "plainclosed", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    cfg = config_mod.load(config)
+    (report,) = check_mod.check_jobs(cfg, cfg.jobs)
+    tcp = {c.name: c for c in report.endpoints[0].checks}["tcp"]
+    assert not tcp.ok
+    assert tcp.hint == check_mod.PLAINTEXT_ADVICE
+    assert "143 (IMAP) and 110 (POP3)" in tcp.hint and "993" in tcp.hint
+
+
+def test_starttls_endpoint_passes(old_account, new_account, tmp_path):
+    source = old_account.endpoint_toml("imap", security="starttls")
+    config = write_config(tmp_path / "c.toml", [{
+        "name": "starttls", "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    proc, doc = check_json(config)
+    assert proc.returncode == 0, proc.stdout
+    checks = checks_of(doc, "source")
+    assert checks["greeting"]["detail"].startswith("an IMAP server answers in plaintext")
+    assert checks["tls handshake"]["detail"].startswith("STARTTLS, then TLSv1.")
+    assert checks["certificate name"]["ok"] and checks["login"]["ok"]
+
+
 def test_port_scan_says_what_answers_where(old_account, new_account, tmp_path,
                                            monkeypatch):
     """The quick look at the usual ports, pointed at Dovecot's (random) ports instead of
@@ -361,6 +390,27 @@ def test_missing_uidl(tmp_path):
     last = [c.split()[0] for c in pop.sessions[-1]]
     assert last[-1] == b"RSET" and b"QUIT" not in last
     assert not (tmp_path / "archive").exists()
+
+
+def test_deletion_without_uidplus_is_an_error(new_account, tmp_path):
+    fake = FakeImapServer(capabilities=[c for c in DEFAULT_CAPABILITIES if c != "UIDPLUS"])
+    try:
+        config = write_config(tmp_path / "c.toml", [{
+            "name": "nouidplus", "kind": "imap-copy", "source": fake.job_endpoint(),
+            "destination": new_account.endpoint_toml("imap"), "delete_after_verify": True}],
+            state_url(tmp_path))
+        proc, doc = check_json(config)
+        without_deletion = write_config(tmp_path / "keep.toml", [{
+            "name": "keep", "kind": "imap-copy", "source": fake.job_endpoint(),
+            "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+        kept, kept_doc = check_json(without_deletion)
+    finally:
+        fake.close()
+    assert proc.returncode == 1
+    uidplus = checks_of(doc, "source")["UIDPLUS"]
+    assert uidplus["severity"] == "error" and "delete_after_verify = true" in uidplus["detail"]
+    assert kept.returncode == 0, kept.stdout
+    assert checks_of(kept_doc, "source")["UIDPLUS"]["severity"] == "info"
 
 
 # --- space ---------------------------------------------------------------------------
