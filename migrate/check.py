@@ -31,7 +31,7 @@ from .endpoints.imap import ImapSession, MessageMeta
 from .endpoints.pop3 import Pop3Session
 from .endpoints.sasl import login_who
 from .endpoints.tls import StartTlsRefused, describe_tls_failure, ssl_context, tls_connect
-from .errors import MigrateError, SafetyError
+from .errors import FolderError, MailboxError, MigrateError, SafetyError
 from .folders import plan_folders
 from .states import State
 from .store import Store, sqlite_file
@@ -117,7 +117,7 @@ def _check_job(job: Job, store: Store | None, database: str) -> JobReport:
     source = _check_server(source_rep, job.source, "source", job)
     try:
         if source is not None:
-            _binding(source_rep, source, job, store, database)
+            _guarded(source_rep, _binding, source_rep, source, job, store, database)
         if job.kind == IMAP_COPY:
             assert job.destination is not None
             dest_rep = _endpoint_report("destination", job.destination)
@@ -125,18 +125,29 @@ def _check_job(job: Job, store: Store | None, database: str) -> JobReport:
             dest = _check_server(dest_rep, job.destination, "destination", job)
             try:
                 if isinstance(source, ImapSession) and isinstance(dest, ImapSession):
-                    _space(source_rep, dest_rep, source, dest, job, store)
+                    _guarded(source_rep, _space, source_rep, dest_rep, source, dest, job,
+                             store)
             finally:
                 _close(dest)
         else:
             archive_rep = EndpointReport("archive", None, None, "maildir",
                                          str(job.archive.path) if job.archive else "")
             report.endpoints.append(archive_rep)
-            _archive(archive_rep, source if isinstance(source, Pop3Session) else None,
-                     job, store)
+            _guarded(archive_rep, _archive, archive_rep,
+                     source if isinstance(source, Pop3Session) else None, job, store)
     finally:
         _close(source)
     return report
+
+
+def _guarded(rep: EndpointReport, step, *args) -> None:
+    """A connection lost (or a server answering nonsense) in the middle of a step is a
+    failed check, not a traceback; the state database's own errors still stop check."""
+    try:
+        step(*args)
+    except (MailboxError, FolderError, OSError, EOFError, poplib.error_proto,
+            IMAPClientError) as exc:
+        rep.add("connection", False, f"lost during the check: {exc}")
 
 
 def _endpoint_report(role: str, endpoint: Endpoint) -> EndpointReport:
@@ -173,9 +184,9 @@ def _check_server(rep: EndpointReport, endpoint: Endpoint, role: str, job: Job):
     if session is None:
         return None
     if isinstance(session, ImapSession):
-        _imap_capabilities(rep, session, role, job)
+        _guarded(rep, _imap_capabilities, rep, session, role, job)
     else:
-        _pop3_capabilities(rep, session)
+        _guarded(rep, _pop3_capabilities, rep, session)
     return session
 
 
