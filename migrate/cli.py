@@ -84,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     unbind.add_argument("-c", "--config", required=True)
     unbind.add_argument("--host", help="the server, when the username is bound on several")
 
+    verify = sub.add_parser(
+        "verify", help="compare source and destination message by message, read-only "
+                       "(the sign-off before cutover); exit 0 only when every source "
+                       "message is at the destination, identical")
+    verify.add_argument("-c", "--config", required=True)
+    verify.add_argument("--job", action="append", metavar="NAME",
+                        help="only this job (repeatable)")
+    verify.add_argument("--quick", action="store_true",
+                        help="compare Message-ID, size, flags and date only, without "
+                             "reading bodies (misses an altered copy of the same size)")
+    verify.add_argument("--json", action="store_true",
+                        help="one JSON document (schema mailmigrate.verify/1)")
+    verify.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what happens to stderr")
+
     for name, what, schema in (
             ("status", "what the state database says about each job (read-only)",
              "mailmigrate.status/1"),
@@ -125,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command in ("status", "failed"):
             return _report(args)
+        if args.command == "verify":
+            return _verify(args)
     except MigrateError as exc:
         print(f"mailmigrate: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -310,6 +327,23 @@ def _report(args) -> int:
     finally:
         if store is not None:
             store.close()
+
+
+def _verify(args) -> int:
+    """verify: both sides compared, read-only; the state database is not opened."""
+    from . import verify
+
+    cfg = config_mod.load(args.config)
+
+    def show(v: verify.JobVerdict) -> None:
+        if not args.json:
+            print("\n".join(verify.verify_text(v)), flush=True)
+
+    verdicts = verify.verify_jobs(cfg, args.job, quick=args.quick, on_job=show)
+    if args.json:
+        print(json.dumps(verify.verify_document(verdicts, args.quick, _now()),
+                         ensure_ascii=False, indent=2, default=str))
+    return verify.exit_code(verdicts)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"

@@ -269,6 +269,13 @@ class Pop3Session:
         if not resp.startswith(b"+OK"):
             raise MailboxError(f"POP3 QUIT not confirmed: {_text(resp)}")
 
+    def reset_and_quit(self) -> None:
+        """End a read-only session: RSET first (undoes any DELE and, on servers that
+        mark retrieved mail seen at QUIT such as Dovecot, that too), then QUIT."""
+        with self._command(lambda t: MailboxError(f"POP3 RSET refused: {t}")):
+            self.client.rset()
+        self.quit()
+
     def close(self) -> None:
         """Drop the connection WITHOUT QUIT: nothing marked with DELE is deleted."""
         try:
