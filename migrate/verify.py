@@ -329,6 +329,10 @@ class _ImapVerify:
             dsel, targets = None, []
         else:
             dsel = dst.select(destination, readonly=True)
+            if not dsel.permanent_flags:
+                # EXAMINE: servers answer PERMANENTFLAGS () ("nothing can be changed in
+                # this session"), which says nothing about what the folder keeps
+                dsel = dataclasses.replace(dsel, permanent_flags=None)
             targets = [_Msg(destination, m) for m in dst.list_messages(dsel.exists)]
             if not self.quick:
                 self._hash(dst, targets)
