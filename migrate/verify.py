@@ -68,21 +68,26 @@ class Problem:
         return dataclasses.asdict(self)
 
     def text(self) -> str:
-        where = f"folder {self.folder!r}" if self.folder is not None else \
-            f"destination {self.destination!r}"
-        parts = [self.bucket if self.bucket != "differ" else
-                 f"differs ({', '.join(self.what)})", where]
-        if self.source_uid is not None:
-            parts.append(f"UID {self.source_uid}")
-        if self.destination_uid is not None:
-            parts.append(f"→ {self.destination!r} UID {self.destination_uid}"
-                         if self.bucket != "extra" else
-                         f"{self.destination!r} UID {self.destination_uid}")
-        parts.append(self.message_id or "no Message-ID")
+        head = self.bucket if self.bucket != "differ" else f"differs ({', '.join(self.what)})"
+        pop3 = isinstance(self.source_uid, str) or isinstance(self.destination_uid, str)
+        if pop3:  # the source is a POP3 mailbox, the destination an archive file
+            where = f"UIDL {self.source_uid}" if self.source_uid is not None else "archive"
+            if self.destination_uid is not None:
+                where += f" → {self.destination_uid}"
+        elif self.bucket == "extra":
+            where = (f"{self.destination!r} UID {self.destination_uid} (the destination "
+                     f"of {self.folder!r})")
+        else:
+            where = f"folder {self.folder!r}"
+            if self.source_uid is not None:
+                where += f" UID {self.source_uid}"
+            if self.destination_uid is not None:
+                where += f" → {self.destination!r} UID {self.destination_uid}"
+        about = [] if pop3 else [self.message_id or "no Message-ID"]
         if self.size is not None:
-            parts.append(f"{self.size} bytes")
-        line = " ".join(parts[:2]) + ": " + ", ".join(parts[2:])
-        return line + (f": {self.detail}" if self.detail else "")
+            about.append(f"{self.size} bytes")
+        return f"{head}: {where}" + (f", {', '.join(about)}" if about else "") + \
+            (f": {self.detail}" if self.detail else "")
 
 
 @dataclass
@@ -249,6 +254,7 @@ class _Msg:
     meta: MessageMeta
     digest: str | None = None
     unreadable: str | None = None  # why it could not be read
+    marked_deleted: bool = False  # flagged \\Deleted: the next EXPUNGE removes it
 
 
 class _ImapVerify:
@@ -334,6 +340,10 @@ class _ImapVerify:
                 # this session"), which says nothing about what the folder keeps
                 dsel = dataclasses.replace(dsel, permanent_flags=None)
             targets = [_Msg(destination, m) for m in dst.list_messages(dsel.exists)]
+            if targets:
+                deleted = dst.deleted_uids()
+                for t in targets:
+                    t.marked_deleted = t.meta.uid in deleted
             if not self.quick:
                 self._hash(dst, targets)
         verdicts[group[0].source].destination_messages = len(targets)
@@ -461,13 +471,17 @@ def _match(sources: list[_Msg], targets: list[_Msg], destination: str,
         want = wanted(s)
         # among identical copies, the one that also carries these flags and this date
         best = next((t for t in candidates if t.meta.flags == want and
+                     not t.marked_deleted and
                      _same_second(s.meta.internaldate, t.meta.internaldate)), candidates[0])
         candidates.remove(best)
         what, details = [], []
-        if best.meta.flags != want:
+        if best.meta.flags != want or best.marked_deleted:
             what.append("flags")
             details.append(f"flags: source {_flags_text(want)}, destination "
                            f"{_flags_text(best.meta.flags)}")
+        if best.marked_deleted:
+            details[-1] += (" and \\Deleted (the next EXPUNGE by any client removes "
+                            "the copy)")
         if not _same_second(s.meta.internaldate, best.meta.internaldate):
             what.append("internaldate")
             details.append(f"INTERNALDATE: source {s.meta.internaldate}, destination "

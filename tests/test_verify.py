@@ -159,7 +159,7 @@ def test_message_removed_at_the_destination_is_missing(old_account, new_account,
     assert "mig: folder 'INBOX' → 'INBOX': 3 of 4 source messages are at the destination " \
            "and identical; 1 missing" in proc.stdout
     assert "mig: total (6 folders): 23 of 24 source messages" in proc.stdout
-    assert "missing folder 'INBOX': UID" in proc.stdout and gone.message_id in proc.stdout
+    assert "missing: folder 'INBOX' UID" in proc.stdout and gone.message_id in proc.stdout
     assert code == 1 and doc["totals"]["missing"] == 1 and doc["totals"]["equal"] == 23
     (p,) = problems(doc, "missing")
     assert p["folder"] == "INBOX" and p["message_id"] == gone.message_id
@@ -178,7 +178,7 @@ def test_changed_flag_at_the_destination_differs_in_flags(old_account, new_accou
         proc = verify_cli(path)
         code, doc = verify_json(path)
         quick, quick_doc = verify_json(path, "--quick")
-    assert proc.returncode == 1 and "differs (flags) folder 'INBOX'" in proc.stdout
+    assert proc.returncode == 1 and "differs (flags): folder 'INBOX' UID" in proc.stdout
     (p,) = problems(doc, "differ")
     assert p["what"] == ["flags"] and p["destination_uid"] == uid
     source_side, destination_side = p["detail"].split(", destination ")
@@ -186,6 +186,21 @@ def test_changed_flag_at_the_destination_differs_in_flags(old_account, new_accou
     assert "\\Flagged" in destination_side and "$Changed" in destination_side
     assert code == 1 and doc["totals"]["differ"] == 1 and doc["totals"]["missing"] == 0
     assert quick == 1 and [p["what"] for p in problems(quick_doc, "differ")] == [["flags"]]
+
+
+def test_copy_flagged_deleted_at_the_destination_differs(old_account, new_account, tmp_path):
+    """A copy flagged \\Deleted is still there, but the next EXPUNGE removes it."""
+    msgs = mailgen.realistic_mailbox(count=6, seed=44, big=False)
+    path, url = copied(old_account, new_account, tmp_path, msgs)
+    target = inbox(msgs)[0]
+    uid = destination_uid(new_account, "INBOX", target.body)
+    set_flags(new_account, "INBOX", uid, list(target.flags) + ["\\Deleted"])
+    with untouched(imap=[old_account, new_account], state_url=url):
+        code, doc = verify_json(path)
+    assert code == 1
+    (p,) = problems(doc, "differ")
+    assert p["what"] == ["flags"] and p["destination_uid"] == uid
+    assert "\\Deleted (the next EXPUNGE by any client removes the copy)" in p["detail"]
 
 
 def test_altered_copy_differs_in_content(old_account, new_account, tmp_path):

@@ -772,6 +772,18 @@ class ImapSession:
                               "account may delete there") from None
 
     @_guard
+    def deleted_uids(self) -> set[int]:
+        """UIDs flagged \\Deleted in the selected folder (UID SEARCH, changes nothing):
+        messages the next EXPUNGE of any client removes."""
+        try:
+            return {int(u) for u in self.client.search(["DELETED"])}
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            raise FolderError(f"the server refused to search {self.selected!r}: "
+                              f"{_server_text(exc)}") from None
+
+    @_guard
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
         """UID → RFC822.SIZE for those of ``uids`` that exist in the selected folder."""
         if not uids:
