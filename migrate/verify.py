@@ -322,6 +322,9 @@ class _ImapVerify:
         src, dst = self.src, self.dst
         verdicts = {p.source: FolderVerdict(p.source, p.destination, p.reason)
                     for p in group}
+        log.info("%s: verifying %s → %r%s", self.job.name,
+                 " + ".join(repr(p.source) for p in group), destination,
+                 " (Message-ID, size, flags, date)" if self.quick else " (content)")
         sources: list[_Msg] = []
         for p in group:
             sel = src.select(p.source, readonly=True)  # EXAMINE
