@@ -288,6 +288,32 @@ def test_duplicates_in_the_source_need_as_many_copies(old_account, new_account, 
     assert quick == 1 and quick_doc["totals"]["missing"] == 1
 
 
+def test_folders_mapped_into_one_are_compared_together(old_account, new_account, tmp_path):
+    rng = random.Random(51)
+    date = dt.datetime(2021, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
+    msgs = []
+    for i, folder in enumerate(["INBOX.A", "INBOX.A", "INBOX.B", "INBOX.B"]):
+        body, mid = mailgen.make_message(rng, i)
+        msgs.append(mailgen.TestMessage(folder, body, ("\\Seen",), date, mid))
+    path, url = copied(old_account, new_account, tmp_path, msgs,
+                       folders={"map": {"INBOX.A": "Merged", "INBOX.B": "Merged"}})
+    code, doc = verify_json(path)
+    assert code == 0 and doc["totals"]["equal"] == 4 and doc["totals"]["extra"] == 0, doc
+    merged = {f["source"]: f for f in doc["jobs"][0]["folders"] if f["destination"] == "Merged"}
+    assert {k: (f["source_messages"], f["equal"], f["reason"]) for k, f in merged.items()} \
+        == {"INBOX.A": (2, 2, "map"), "INBOX.B": (2, 2, "map")}
+    uid = destination_uid(new_account, "Merged", msgs[3].body)
+    client = mailgen.connect(new_account)
+    client.select_folder("Merged")
+    client.delete_messages([uid])
+    client.uid_expunge([uid])
+    client.logout()
+    code, doc = verify_json(path)
+    assert code == 1
+    (p,) = problems(doc, "missing")
+    assert p["folder"] == "INBOX.B" and p["destination"] == "Merged"
+
+
 def test_bad_config_and_unknown_job_exit_2(tmp_path, old_account, new_account):
     proc = verify_cli(tmp_path / "nope.toml")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
