@@ -352,6 +352,9 @@ class _ImapVerify:
         verdicts[group[0].source].destination_messages = len(targets)
         problems = _match(sources, targets, destination, dsel, self.quick, verdicts,
                           group[0].source)
+        if dsel is None:
+            for p in problems:
+                p.detail = p.detail or f"the destination folder {destination!r} does not exist"
         self.verdict.folders.extend(verdicts.values())
         self.verdict.problems.extend(problems)
 

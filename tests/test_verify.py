@@ -167,6 +167,25 @@ def test_message_removed_at_the_destination_is_missing(old_account, new_account,
     assert quick == 1 and quick_doc["totals"]["missing"] == 1
 
 
+def test_destination_folder_deleted_all_its_messages_are_missing(old_account, new_account,
+                                                                  tmp_path):
+    msgs = mailgen.realistic_mailbox(count=12, seed=52, big=False)
+    path, url = copied(old_account, new_account, tmp_path, msgs)
+    client = mailgen.connect(new_account)
+    client.delete_folder("Archive/2019")
+    client.logout()
+    with untouched(imap=[old_account, new_account], state_url=url):
+        proc = verify_cli(path)
+    assert proc.returncode == 1
+    assert "folder 'INBOX.Archive.2019' → 'Archive/2019': 0 of 2 source messages are at " \
+           "the destination and identical; 2 missing" in proc.stdout
+    assert proc.stdout.count("the destination folder 'Archive/2019' does not exist") == 2
+    client = mailgen.connect(new_account)
+    names = {n for _f, _d, n in client.list_folders()}
+    client.logout()
+    assert "Archive/2019" not in names and "Archive" in names  # not re-created by looking
+
+
 def test_changed_flag_at_the_destination_differs_in_flags(old_account, new_account,
                                                           tmp_path):
     msgs = mailgen.realistic_mailbox(count=12, seed=44, big=False)
