@@ -339,7 +339,12 @@ def _verify(args) -> int:
         if not args.json:
             print("\n".join(verify.verify_text(v)), flush=True)
 
-    verdicts = verify.verify_jobs(cfg, args.job, quick=args.quick, on_job=show)
+    try:
+        verdicts = verify.verify_jobs(cfg, args.job, quick=args.quick, on_job=show)
+    except KeyboardInterrupt:
+        print("mailmigrate: interrupted; verify changes nothing, run it again",
+              file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(verify.verify_document(verdicts, args.quick, _now()),
                          ensure_ascii=False, indent=2, default=str))

@@ -207,9 +207,11 @@ def verify_text(v: JobVerdict, limit: int = TEXT_PROBLEMS) -> list[str]:
         t = v.totals()
         total = FolderVerdict("", "", "", **{k: t[k] for k in (
             "source_messages", "destination_messages", *BUCKETS)})
-        if any(f.note for f in v.folders):
-            total.note = "see above"
-        lines.append(f"{v.name}: total ({len(v.folders)} folders): {_judgement(total)}")
+        text = _judgement(total)
+        unread = sum(1 for f in v.folders if f.note)
+        if unread:
+            text += f"; {unread} folder{'s' if unread > 1 else ''} NOT VERIFIED (see above)"
+        lines.append(f"{v.name}: total ({len(v.folders)} folders): {text}")
     for p in v.problems[:limit]:
         lines.append(f"{v.name}:   {p.text()}")
     if len(v.problems) > limit:
@@ -234,8 +236,9 @@ def _judgement(f: FolderVerdict) -> str:
             text = "no source messages"
     else:
         text = f"{f.equal} of {n} source messages are at the destination and identical; " \
-            + ", ".join(f"{getattr(f, k)} {k}" if k != "differ" else f"{f.differ} differ"
-                        for k in ("missing", "differ", "error") if getattr(f, k))
+            + ", ".join(f"{count} {word}" for count, word in (
+                (f.missing, "missing"), (f.differ, "differ"),
+                (f.error, "unreadable")) if count)
     if f.extra:
         text += f"; {f.extra} extra at the destination"
     if f.archived_not_on_server:
@@ -582,6 +585,8 @@ class _Pop3Verify:
         by_digest: dict[str, list[Path]] = {}
         for path, digest in files.items():
             by_digest.setdefault(digest, []).append(path)
+        # a mail client that read a file moved it to cur/ as "<name>:2,<flags>"
+        by_name = {p.name.split(":2,", 1)[0]: p for p in files}
         claimed: set[Path] = set()
         for m in listing:
             got = digests.get(m.number)
@@ -598,7 +603,7 @@ class _Pop3Verify:
                 continue
             # the file this message was archived under (its name comes from job, UIDL
             # and content), with other content now: altered
-            named = self._named_file(m, digest, files)
+            named = self._named_file(m, digest, by_name)
             if named is not None:
                 claimed.add(named)
                 folder.differ += 1
@@ -631,13 +636,12 @@ class _Pop3Verify:
                     out[Path(entry.path)] = _file_digest(Path(entry.path))
         return out
 
-    def _named_file(self, m: Pop3Message, digest: str, files: dict[Path, str]
+    def _named_file(self, m: Pop3Message, digest: str, by_name: dict[str, Path]
                     ) -> Path | None:
         for n in range(4):
-            name = file_name(self.job.name, m.uidl or m.key, digest, n)
-            for path in files:
-                if path.name == name or path.name.startswith(name + ":2,"):
-                    return path
+            path = by_name.get(file_name(self.job.name, m.uidl or m.key, digest, n))
+            if path is not None:
+                return path
         return None
 
     def _server_digests(self, session: Pop3Session, listing: list[Pop3Message]
