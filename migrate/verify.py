@@ -35,6 +35,7 @@ from .endpoints.maildir import file_name
 from .endpoints.pop3 import Pop3Message, Pop3Session
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ConnectionLost, MigrateError
 from .folders import FolderPlan, included, plan_folders
+from .results import plural
 
 log = logging.getLogger("migrate.verify")
 
@@ -210,8 +211,8 @@ def verify_text(v: JobVerdict, limit: int = TEXT_PROBLEMS) -> list[str]:
         text = _judgement(total)
         unread = sum(1 for f in v.folders if f.note)
         if unread:
-            text += f"; {unread} folder{'s' if unread > 1 else ''} NOT VERIFIED (see above)"
-        lines.append(f"{v.name}: total ({len(v.folders)} folders): {text}")
+            text += f"; {plural(unread, 'folder')} NOT VERIFIED (see above)"
+        lines.append(f"{v.name}: total ({plural(len(v.folders), 'folder')}): {text}")
     for p in v.problems[:limit]:
         lines.append(f"{v.name}:   {p.text()}")
     if len(v.problems) > limit:
@@ -235,7 +236,7 @@ def _judgement(f: FolderVerdict) -> str:
         if not n:
             text = "no source messages"
     else:
-        text = f"{f.equal} of {n} source messages are at the destination and identical; " \
+        text = f"{f.equal} of {plural(n, 'source message')} at the destination and identical; " \
             + ", ".join(f"{count} {word}" for count, word in (
                 (f.missing, "missing"), (f.differ, "differ"),
                 (f.error, "unreadable")) if count)

@@ -156,7 +156,7 @@ def test_message_removed_at_the_destination_is_missing(old_account, new_account,
         code, doc = verify_json(path)
         quick, quick_doc = verify_json(path, "--quick")
     assert proc.returncode == 1
-    assert "mig: folder 'INBOX' → 'INBOX': 3 of 4 source messages are at the destination " \
+    assert "mig: folder 'INBOX' → 'INBOX': 3 of 4 source messages at the destination " \
            "and identical; 1 missing" in proc.stdout
     assert "mig: total (6 folders): 23 of 24 source messages" in proc.stdout
     assert "missing: folder 'INBOX' UID" in proc.stdout and gone.message_id in proc.stdout
@@ -177,7 +177,7 @@ def test_destination_folder_deleted_all_its_messages_are_missing(old_account, ne
     with untouched(imap=[old_account, new_account], state_url=url):
         proc = verify_cli(path)
     assert proc.returncode == 1
-    assert "folder 'INBOX.Archive.2019' → 'Archive/2019': 0 of 2 source messages are at " \
+    assert "folder 'INBOX.Archive.2019' → 'Archive/2019': 0 of 2 source messages at " \
            "the destination and identical; 2 missing" in proc.stdout
     assert proc.stdout.count("the destination folder 'Archive/2019' does not exist") == 2
     client = mailgen.connect(new_account)
@@ -460,3 +460,23 @@ def test_pop3_archive_file_removed_altered_and_mail_deleted_from_server(archived
     assert p["source_uid"] and p["size"] == removed_size  # its UIDL and size
     assert "1 missing, 1 differ; 1 archived, no longer on the server" in proc.stdout
 
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def test_text_lists_at_most_20_problems_and_json_all():
+    folder = verify.FolderVerdict("INBOX", "INBOX", "name", source_messages=30,
+                                  destination_messages=5, equal=5, missing=25)
+    job = verify.JobVerdict("mig", "imap-copy", folders=[folder], problems=[
+        verify.Problem("missing", "INBOX", "INBOX", uid, None, f"<m{uid}@x>", 100)
+        for uid in range(1, 26)])
+    lines = verify.verify_text(job)
+    assert lines[0] == ("mig: folder 'INBOX' → 'INBOX': 5 of 30 source messages at the "
+                        "destination and identical; 25 missing")
+    assert lines[1].startswith("mig: total (1 folder): 5 of 30")
+    assert sum("missing: folder 'INBOX' UID" in line for line in lines) == 20
+    assert lines[-1] == "mig:   … and 5 more (--json lists all)"
+    doc = verify.verify_document([job], False, "2026-01-01T00:00:00+00:00")
+    assert len(doc["jobs"][0]["problems"]) == 25 and doc["exit_code"] == 1
+    assert doc["totals"]["missing"] == 25 and doc["ok"] is False
