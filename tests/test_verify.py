@@ -20,6 +20,7 @@ import pytest
 from migrate import config as cfg
 from migrate import verify
 from tests.rig import mailgen
+from tests.rig.courier import courier_account, courier_host  # noqa: F401
 from tests.rig.cyrus import cyrus_account, cyrus_host  # noqa: F401
 from tests.rig.jobs import imap_job, run, run_cli, write_config
 from tests.rig.untouched import untouched
@@ -395,6 +396,25 @@ def test_dovecot_to_cyrus(old_account, cyrus_account, tmp_path):
     assert code == 1 and [p["what"] for p in problems(doc, "differ")] == [["flags"]]
 
 
+def test_dovecot_to_courier_with_a_large_message(old_account, courier_account, tmp_path):
+    """Courier: the 3 MB message is hashed by partial FETCH on both sides."""
+    msgs = mailgen.realistic_mailbox(count=18, seed=53)
+    assert max(len(m.body) for m in msgs) > verify.CHUNK
+    path, url = copied(old_account, courier_account, tmp_path, msgs)
+    with untouched(imap=[old_account, courier_account], state_url=url):
+        proc = verify_cli(path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"all {len(msgs)} source messages are at the destination" in proc.stdout
+    big = max(msgs, key=lambda m: len(m.body))
+    uid = destination_uid(courier_account, big.folder, big.body)
+    replace_at(courier_account, big.folder, uid, big.body[:-3] + b"!\r\n", big.flags,
+               big.date)
+    code, doc = verify_json(path)
+    assert code == 1
+    (p,) = problems(doc, "differ")
+    assert p["what"] == ["content"] and p["message_id"] == big.message_id
+
+
 # --- POP3 -> Maildir ---------------------------------------------------------------------
 
 
@@ -480,3 +500,25 @@ def test_text_lists_at_most_20_problems_and_json_all():
     doc = verify.verify_document([job], False, "2026-01-01T00:00:00+00:00")
     assert len(doc["jobs"][0]["problems"]) == 25 and doc["exit_code"] == 1
     assert doc["totals"]["missing"] == 25 and doc["ok"] is False
+
+
+def test_pop3_archive_from_courier_with_8bit_headers(courier_account, tmp_path):
+    """Courier's POP3 sends 8-bit headers as stored only in UTF8 mode, which verify
+    switches on like run does: the archive still compares equal."""
+    rng = random.Random(54)
+    date = dt.datetime(2019, 4, 5, 6, 7, 8, tzinfo=dt.timezone.utc)
+    msgs = []
+    for i, kwargs in enumerate([{"eight_bit": True, "lone_dot": True}, {},
+                                {"size": 2_500_000, "attachment": True}]):
+        body, mid = mailgen.make_message(rng, i, **kwargs)
+        msgs.append(mailgen.TestMessage("INBOX", body, (), date, mid))
+    mailgen.fill(courier_account, msgs)
+    archive = tmp_path / "arch"
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    path = write_config(tmp_path / "pop.toml", [pop_job(courier_account, archive)], url)
+    assert run(path).ok
+    with untouched(imap=[courier_account], pop3=[courier_account], state_url=url,
+                   paths=[archive]):
+        proc = verify_cli(path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all 3 source messages are at the destination" in proc.stdout
