@@ -162,9 +162,8 @@ def _close(session) -> None:
     elif isinstance(session, Pop3Session):
         # RSET first: whatever happened, QUIT must not commit anything
         try:
-            session.client.rset()
-            session.client.quit()
-        except (poplib.error_proto, OSError, EOFError):
+            session.reset_and_quit()
+        except (MigrateError, poplib.error_proto, OSError, EOFError):
             session.close()
 
 
