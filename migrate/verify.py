@@ -213,10 +213,13 @@ def verify_text(v: JobVerdict, limit: int = TEXT_PROBLEMS) -> list[str]:
         if unread:
             text += f"; {plural(unread, 'folder')} NOT VERIFIED (see above)"
         lines.append(f"{v.name}: total ({plural(len(v.folders), 'folder')}): {text}")
-    for p in v.problems[:limit]:
+    # Extra messages are not a failure (the destination may hold mail of its own, or copies
+    # whose originals were deleted after verification): counted above, listed by --json.
+    shown = [p for p in v.problems if p.bucket != "extra"]
+    for p in shown[:limit]:
         lines.append(f"{v.name}:   {p.text()}")
-    if len(v.problems) > limit:
-        lines.append(f"{v.name}:   … and {len(v.problems) - limit} more (--json lists all)")
+    if len(shown) > limit:
+        lines.append(f"{v.name}:   … and {len(shown) - limit} more (--json lists all)")
     return lines
 
 
@@ -281,6 +284,8 @@ class _ImapVerify:
                 groups.setdefault(p.destination, []).append(p)
             for destination, group in groups.items():
                 self._group_with_retry(destination, group)
+            # a stable order, whatever order the server listed the folders in
+            self.verdict.folders.sort(key=lambda f: (f.source.upper() != "INBOX", f.source))
         finally:
             for s in (self.src, self.dst):
                 if s is not None:

@@ -278,6 +278,10 @@ def test_extra_message_at_the_destination_is_listed_but_not_a_failure(
     assert proc.returncode == 0, proc.stdout
     assert "all 12 source messages are at the destination; 1 extra at the destination" \
         in proc.stdout
+    assert mid not in proc.stdout  # text counts extras; --json lists them
+    folder_lines = [line for line in proc.stdout.splitlines() if ": folder '" in line]
+    sources = [line.split("folder '")[1].split("'")[0] for line in folder_lines]
+    assert sources[0] == "INBOX" and sources[1:] == sorted(sources[1:])  # stable order
     (p,) = problems(doc, "extra")
     assert p["destination"] == "Archive" and p["message_id"] == mid
     assert p["source_uid"] is None and p["folder"] == "INBOX.Archive"
