@@ -65,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also append a timestamped log to FILE (what -v shows; -vv: "
                           "also every batch)")
 
+    report = sub.add_parser(
+        "report", help="what a run would do now, per job and folder (read-only): text, "
+                       "JSON (schema mailmigrate.report/1) or a self-contained HTML page",
+        epilog="exit codes: 0 the report was made (also when there is work to do); 1 a job "
+               "could not be planned (its error is in the report); 2 configuration error")
+    report.add_argument("-c", "--config", required=True, help="the TOML config file")
+    report.add_argument("--job", action="append", metavar="NAME",
+                        help="only this job (repeatable)")
+    report.add_argument("--format", choices=("text", "json", "html"), default="text")
+    report.add_argument("-o", "--output", metavar="FILE",
+                        help="write the report to FILE instead of stdout")
+    report.add_argument("--max-delete", type=int, metavar="N",
+                        help="say whether a run with --max-delete N would refuse deletion")
+    report.add_argument("--no-sample", action="store_true",
+                        help="read no message bodies at all (no duration estimate)")
+
     check = sub.add_parser("check-config", help="validate the config file and exit")
     check.add_argument("-c", "--config", required=True)
 
@@ -124,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "report":
+            return _plan_report(args, args.format, args.output, dry_run=False)
         if args.command == "check-config":
             cfg = config_mod.load(args.config)
             for refusal in cfg.refusals:
@@ -162,6 +180,8 @@ def _run(args) -> int:
     if args.workers < 1:
         print("mailmigrate: error: --workers must be 1 or more", file=sys.stderr)
         return EXIT_REFUSED
+    if args.dry_run:  # the report, read-only, instead of a run
+        return _plan_report(args, "json" if args.json else "text", None, dry_run=True)
     cfg = config_mod.load(args.config)
     cfg.select(args.job)  # unknown names fail before anything runs
     options = RunOptions(dry_run=args.dry_run, max_delete=args.max_delete, workers=args.workers,
@@ -349,6 +369,40 @@ def _verify(args) -> int:
         print(json.dumps(verify.verify_document(verdicts, args.quick, _now()),
                          ensure_ascii=False, indent=2, default=str))
     return verify.exit_code(verdicts)
+
+
+def _plan_report(args, fmt: str, output: str | None, dry_run: bool) -> int:
+    """`report` and `run --dry-run`: what a run would do now; reads, never writes."""
+    from . import report
+
+    if args.max_delete is not None and args.max_delete < 0:
+        print("mailmigrate: error: --max-delete must be 0 or more", file=sys.stderr)
+        return EXIT_REFUSED
+    cfg = config_mod.load(args.config)
+    options = report.PlanOptions(max_delete=args.max_delete,
+                                 sample=not getattr(args, "no_sample", False))
+    document = report.build_report(cfg, args.job, options)
+    rendered = report.render(document, fmt)
+    if output:
+        try:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(rendered)
+        except OSError as exc:
+            print(f"mailmigrate: error: cannot write {output}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_REFUSED
+    else:
+        sys.stdout.write(rendered)
+        sys.stdout.flush()
+    for job in document["jobs"]:
+        if job["error"]:
+            print(f"mailmigrate: error: {job['name']}: {job['error']}", file=sys.stderr)
+    if any(j["refused"] for j in document["jobs"]) and (
+            dry_run or any(j["error"] == j["refused"] for j in document["jobs"])):
+        return EXIT_REFUSED  # a run would be refused (binding, a bad accounts row)
+    if any(not j["planned"] for j in document["jobs"]):
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"

@@ -1,0 +1,129 @@
+"""The report as one self-contained HTML page (inline CSS, no scripts, no external
+assets) to attach to a change ticket.  Rendered from the same document as the JSON, so
+its numbers are the JSON's: every number cell carries ``data-key`` with the JSON field
+it shows, and ``data-job`` / ``data-folder`` say whose it is."""
+
+from __future__ import annotations
+
+from html import escape
+
+from .text import deletion_text, duration, mb
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222}
+h1{font-size:1.5em;margin:0 0 .2em}h2{font-size:1.2em;margin:1.6em 0 .4em}
+.meta{color:#666;margin:0 0 1em}
+table{border-collapse:collapse;margin:.4em 0 1em;min-width:60%}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
+th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.warnings{background:#fff4e5;border:1px solid #f0a030;padding:.6em 1em;margin:1em 0}
+.warnings li{margin:.2em 0}.error{background:#fde8e8;border:1px solid #d33;padding:.6em 1em}
+.ok{background:#eaf7ea;border:1px solid #5a5;padding:.6em 1em}
+.bar{display:flex;width:16em;height:.9em;background:#eee;border:1px solid #bbb}
+.bar .done{background:#4a9d4a}.bar .todo{background:#e0a030}
+.legend span{display:inline-block;width:.9em;height:.9em;vertical-align:middle;margin:0 .3em}
+small{color:#666}
+"""
+
+COLUMNS = (("source_messages", "messages"), ("source_bytes", "bytes"),
+           ("already_there", "already there"), ("to_copy", "to copy"),
+           ("to_copy_bytes", "bytes to copy"), ("flags_to_update", "flag updates"),
+           ("to_delete", "to delete"), ("failed", "failed earlier"),
+           ("quarantined", "quarantined"), ("vanished", "vanished"))
+
+
+def _bar(done: int, todo: int) -> str:
+    whole = done + todo
+    d = 100.0 * done / whole if whole else 100.0
+    return (f'<div class="bar" title="{done} done, {todo} to do">'
+            f'<div class="done" style="width:{d:.1f}%"></div>'
+            f'<div class="todo" style="width:{100 - d:.1f}%"></div></div>')
+
+
+def _cells(values: dict, attrs: str) -> str:
+    return "".join(f'<td class="n" data-key="{k}" {attrs}>{values[k]}</td>'
+                   for k, _label in COLUMNS)
+
+
+def _head(first: list[str]) -> str:
+    return "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in first) + "".join(
+        f"<th>{escape(label)}</th>" for _k, label in COLUMNS) + "<th>done / to do</th></tr>"
+
+
+def render(doc: dict) -> str:
+    e = escape
+    jobs = doc["jobs"]
+    t = doc["totals"]
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>mailmigrate report {e(doc['generated_at'])}</title>",
+           f"<style>{CSS}</style></head><body>",
+           "<h1>mailmigrate report</h1>",
+           f'<p class="meta">generated {e(doc["generated_at"])} from {e(doc["config"])}; '
+           f'schema {e(doc["schema"])}; state database {e(doc["state_database"])}'
+           + ("" if doc["database_exists"] else " (none yet)") + "</p>"]
+    # warnings (and jobs that could not be planned) first: they are what needs a decision
+    problems = [(j["name"], j["error"]) for j in jobs if j["error"]]
+    warnings = [(j["name"], w) for j in jobs for w in j["warnings"]]
+    if problems:
+        out.append('<div class="error" id="errors"><strong>Not planned</strong><ul>')
+        out += [f'<li data-job="{e(n)}"><b>{e(n)}</b>: {e(x)}</li>' for n, x in problems]
+        out.append("</ul></div>")
+    if warnings:
+        out.append(f'<div class="warnings" id="warnings"><strong>{len(warnings)} '
+                   f'warning{"s" if len(warnings) != 1 else ""}</strong><ul>')
+        out += [f'<li data-job="{e(n)}"><b>{e(n)}</b>: {e(w)}</li>' for n, w in warnings]
+        out.append("</ul></div>")
+    elif not problems:
+        out.append('<div class="ok" id="warnings">No warnings.</div>')
+    est = duration(t["estimated_seconds"]) if t["estimated_seconds"] is not None else "—"
+    out.append('<h2>Totals</h2><table id="totals">' + _head(["jobs"]))
+    out.append(f'<tr><td class="n" data-key="jobs">{t["jobs"]}</td>'
+               + _cells(t, 'data-job=""') + f"<td>{_bar(t['already_there'], t['to_copy'])}"
+               "</td></tr></table>")
+    out.append(f'<p>estimated duration: <b id="estimate">{e(est)}</b> <small>(measured on a '
+               "small sample of message bodies; an estimate only)</small></p>")
+    out.append('<p class="legend"><span style="background:#4a9d4a"></span>already at the '
+               'destination <span style="background:#e0a030"></span>to copy</p>')
+    out.append('<h2>Jobs</h2><table id="jobs">' + _head(["job", "kind", "status"]))
+    for j in jobs:
+        status = "planned" if j["planned"] else "NOT PLANNED"
+        jt = j["totals"]
+        out.append(f'<tr><td><a href="#job-{e(j["name"])}">{e(j["name"])}</a></td>'
+                   f'<td>{e(j["kind"])}</td><td>{status}</td>'
+                   + _cells(jt, f'data-job="{e(j["name"])}"')
+                   + f"<td>{_bar(jt['already_there'], jt['to_copy'])}</td></tr>")
+    out.append("</table>")
+    for j in jobs:
+        name = e(j["name"])
+        out.append(f'<h2 id="job-{name}">{name} <small>({e(j["kind"])})</small></h2>')
+        if j["source"]:
+            out.append(f"<p>from {e(j['source'])}<br>to {e(j['destination'])}</p>")
+        if not j["planned"]:
+            out.append(f'<p class="error">not planned: {e(j["error"] or "")}</p>')
+            continue
+        out.append('<table class="folders">'
+                   + _head(["source folder", "destination", "action", "why"]))
+        for f in j["folders"]:
+            attrs = f'data-job="{name}" data-folder="{e(f["source"])}"'
+            out.append(f"<tr><td>{e(f['source'])}</td><td>{e(f['destination'])}</td>"
+                       f"<td>{e(f['action'])}</td><td>{e(f['why'])}</td>"
+                       + _cells(f, attrs)
+                       + f"<td>{_bar(f['already_there'], f['to_copy'])}</td></tr>")
+        out.append("</table>")
+        if j["excluded"]:
+            out.append("<p>excluded folders:</p><ul>" + "".join(
+                f"<li>{e(x['source'])}: {e(x['rule'])}</li>" for x in j["excluded"]) + "</ul>")
+        if j["largest"]:
+            out.append("<p>largest messages:</p><ul>" + "".join(
+                f"<li>{e(m['folder'])} {e(m['id'])}: {mb(m['size'])}</li>"
+                for m in j["largest"]) + "</ul>")
+        if j["destination_refuses"]:
+            out.append("<p>the destination will refuse:</p><ul>" + "".join(
+                f"<li>{e(r['folder'] or '')} {e(r['id'] or '')} {e(r['reason'])}</li>"
+                for r in j["destination_refuses"]) + "</ul>")
+        out.append(f"<p>deletion: {e(deletion_text(j))}</p>")
+        if j["estimate"]:
+            out.append(f"<p>estimated duration: about {e(duration(j['estimate']['seconds']))}"
+                       f" <small>({e(j['estimate']['method'])})</small></p>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
