@@ -21,7 +21,7 @@ from migrate import config as cfg
 from migrate.report import build_report, render
 from tests.rig import mailgen
 from tests.rig.jobs import imap_job, run, run_cli, write_config
-from tests.rig.untouched import untouched
+from tests.rig.untouched import pop3_listing, untouched
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "docs" / "report.schema.json"
 CHROMIUM = "/usr/bin/chromium"
@@ -84,3 +84,235 @@ def test_numbers_before_any_run(filled, old_account, new_account, tmp_path):
     assert "estimate" in j["estimate"]["method"]
     assert [m["size"] for m in j["largest"]] == sorted(
         (len(m.body) for m in filled), reverse=True)[:5]
+
+
+def test_after_a_partial_run_with_duplicates_and_changed_flags(filled, old_account,
+                                                               new_account, tmp_path):
+    inbox = [m for m in filled if m.folder == "INBOX"]
+    # two INBOX messages are at the destination already (another tool copied them)
+    mailgen.fill(new_account, [mailgen.TestMessage("INBOX", m.body, m.flags, m.date)
+                               for m in inbox[:2] if m.message_id])
+    path = write_config(tmp_path / "c.toml", [imap_job(
+        "alice", old_account, new_account, folders={"include": ["INBOX.Archive*"]})])
+    assert run(path).ok  # the archive folders are copied
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)])
+    client = mailgen.connect(old_account)
+    client.select_folder("INBOX.Archive")
+    client.add_flags(client.search("ALL")[:1], ["\\Flagged"])
+    client.logout()
+    doc = report(path)
+    by = folders(doc)
+    archive = [m for m in filled if m.folder == "INBOX.Archive"]
+    assert by["INBOX.Archive"]["already_there"] == len(archive)
+    assert by["INBOX.Archive"]["to_copy"] == 0 and by["INBOX.Archive"]["flags_to_update"] == 1
+    dupes = sum(1 for m in inbox[:2] if m.message_id)
+    assert dupes and by["INBOX"]["already_there"] == dupes
+    assert by["INBOX"]["to_copy"] == len(inbox) - dupes
+    assert by["INBOX"]["to_copy_bytes"] == sum(len(m.body) for m in inbox) - sum(
+        len(m.body) for m in inbox[:2] if m.message_id)
+    t = job_of(doc)["totals"]
+    assert t["already_there"] + t["to_copy"] == t["source_messages"] == len(filled)
+    # what the report promised is what the run does
+    result = run(path)
+    assert result.ok, result.errors
+    assert result.counts.get("copied", 0) == t["to_copy"]
+    assert result.counts.get("flags_updated", 0) == 1
+
+
+def test_excluded_folders_say_which_rule(old_account, new_account, tmp_path):
+    msgs = [mailgen.TestMessage(f, mailgen.make_message(__import__("random").Random(i), i)[0],
+                                (), dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc))
+            for i, f in enumerate(["INBOX", "INBOX.Spam", "INBOX.Work", "INBOX.work",
+                                   "INBOX.Keep"])]
+    mailgen.fill(old_account, msgs)
+    path = write_config(tmp_path / "c.toml", [imap_job(
+        "alice", old_account, new_account,
+        folders={"include": ["INBOX", "INBOX.Spam", "INBOX.Work", "INBOX.work"],
+                 "exclude": ["INBOX.Spam"]})])
+    doc = report(path)
+    j = job_of(doc)
+    rules = {e["source"]: e["rule"] for e in j["excluded"]}
+    assert rules["INBOX.Spam"] == "exclude 'INBOX.Spam'"
+    assert rules["INBOX.Keep"].startswith("not matched by include")
+    for name in ("INBOX.Work", "INBOX.work"):
+        assert rules[name].startswith("refused: folders ") and "would all be copied into" \
+            in rules[name]
+    assert set(folders(doc)) == {"INBOX"}
+    assert any("refusing to merge them silently" in w for w in j["warnings"])
+    out = render(doc, "text")
+    assert "INBOX.Spam: exclude 'INBOX.Spam'" in out
+
+
+def test_quarantined_and_vanished_from_earlier_runs(filled, old_account, new_account,
+                                                    tmp_path):
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)])
+    assert run(path).ok
+    engine = create_engine(state_url(tmp_path))
+    with engine.begin() as conn:
+        conn.execute(text(
+            "UPDATE messages SET state = 'quarantined', last_error = 'the destination "
+            "alters it' WHERE id = (SELECT m.id FROM messages m JOIN folders f ON "
+            "m.folder_id = f.id WHERE f.source_name = 'INBOX' ORDER BY m.source_uid LIMIT 1)"))
+        conn.execute(text(
+            "UPDATE messages SET state = 'failed', last_error = 'x' WHERE id = (SELECT m.id "
+            "FROM messages m JOIN folders f ON m.folder_id = f.id WHERE f.source_name = "
+            "'INBOX' ORDER BY m.source_uid LIMIT 1 OFFSET 1)"))
+    engine.dispose()
+    mailgen.expunge_first(old_account, "INBOX.Archive", 2)
+    doc = report(path)
+    by = folders(doc)
+    inbox = by["INBOX"]
+    assert inbox["quarantined"] == 1 and inbox["failed"] == 1
+    # the failed one's copy is still at the destination: a run checks it, copies nothing
+    assert inbox["already_there"] == inbox["source_messages"] - 1 and inbox["to_copy"] == 0
+    assert by["INBOX.Archive"]["vanished"] == 2
+    warnings = job_of(doc)["warnings"]
+    assert any("1 message quarantined by earlier runs" in w and "the destination alters it"
+               in w for w in warnings), warnings
+    assert any("2 messages vanished from the source" in w for w in warnings), warnings
+    t = doc["totals"]
+    assert (t["quarantined"], t["failed"], t["vanished"]) == (1, 1, 2)
+
+
+def test_destination_quota_too_small_is_a_warning(filled, old_account, new_host, tmp_path):
+    small = new_host.add_user(f"report-quota-{os.getpid()}@new.test", "pw-q",
+                              quota_rule="*:storage=20K")
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, small)])
+    j = job_of(report(path))
+    assert j["quota"]["limit_bytes"] == 20 * 1024
+    assert any("the destination is short of room" in w for w in j["warnings"]), j["warnings"]
+    assert any("over quota" in r["reason"] for r in j["destination_refuses"])
+
+
+def pop_job(account, archive: Path, **extra) -> dict:
+    job = {"name": "alice", "kind": "pop3-archive", "source": account.endpoint_toml("pop3"),
+           "archive": {"path": str(archive)}}
+    job.update(extra)
+    return job
+
+
+def test_pop3_archive_with_leave_on_server_days(filled, old_account, tmp_path):
+    inbox = [m for m in filled if m.folder == "INBOX"]
+    path = write_config(tmp_path / "c.toml", [pop_job(old_account, tmp_path / "arch",
+                                                      leave_on_server_days=7)])
+    before = job_of(report(path))
+    (f,) = before["folders"]
+    assert (f["source_messages"], f["to_copy"], f["to_delete"]) == (len(inbox), len(inbox), 0)
+    assert f["source_bytes"] == sum(len(m.body) for m in inbox)
+    assert before["estimate"]["seconds"] > 0
+    assert run(path).ok
+    # three messages were archived ten days ago, the others today
+    engine = create_engine(state_url(tmp_path))
+    old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)).replace(tzinfo=None)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE messages SET verified_at = :t WHERE id IN (SELECT id FROM "
+                          "messages ORDER BY id LIMIT 3)"), {"t": old})
+    engine.dispose()
+    mailgen.fill(old_account, [mailgen.TestMessage("INBOX", m.body, (), m.date)
+                               for m in filled[1:3]])
+    after = job_of(report(path))
+    (f,) = after["folders"]
+    assert f["already_there"] == len(inbox) and f["to_copy"] == 2
+    assert f["to_delete"] == 3 and after["totals"]["to_delete"] == 3
+    assert "leave_on_server_days = 7: 3 messages" in render({"jobs": [after], **_wrap()},
+                                                          "text")
+
+
+def _wrap() -> dict:
+    return {"schema": "mailmigrate.report/1", "generated_at": "x", "config": "c",
+            "state_database": "s", "database_exists": True,
+            "totals": {"jobs": 1, "jobs_not_planned": 0, "estimated_seconds": None,
+                       **{k: 0 for k in ("source_messages", "source_bytes", "to_copy",
+                                         "to_copy_bytes", "already_there", "flags_to_update",
+                                         "to_delete", "failed", "quarantined")}}}
+
+
+def test_report_and_dry_run_are_read_only(filled, old_account, new_account, tmp_path):
+    pop_arch = tmp_path / "arch"
+    shared = f"sqlite:///{tmp_path / 'imap.db'}"
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account,
+                                                       delete_after_verify=True)], shared)
+    # a first run of the IMAP job, INBOX only, so there is state to read (and a binding)
+    half = write_config(tmp_path / "half.toml", [imap_job(
+        "alice", old_account, new_account, folders={"include": ["INBOX"]})], shared)
+    assert run(half).ok
+    # a POP3 job on the mailbox bound to IMAP: a run would be refused
+    bound = write_config(tmp_path / "bound.toml", [pop_job(old_account, pop_arch)], shared)
+    pop_path = write_config(tmp_path / "pop.toml", [pop_job(old_account, pop_arch,
+                                                            leave_on_server_days=0)],
+                            state_url=f"sqlite:///{tmp_path / 'pop.db'}")
+    assert run(pop_path).ok
+    mailgen.fill(old_account, [mailgen.TestMessage("INBOX", m.body, (), m.date)
+                               for m in filled[:2]])  # new, unread: \Recent, no \Seen
+    with untouched(imap=[old_account, new_account], state_url=shared, paths=[pop_arch]):
+        for fmt in ("text", "json", "html"):
+            proc = run_cli("report", "-c", str(path), "--format", fmt)
+            assert proc.returncode == 0, proc.stderr
+        assert run_cli("run", "-c", str(path), "--dry-run").returncode == 0
+    # Dovecot clears \Recent when a POP3 session opens the mailbox - any POP3 client's,
+    # the witness's own too; once cleared, the listings must stay the same
+    pop3_listing(old_account)
+    for state, config_path in ((shared, bound), (f"sqlite:///{tmp_path / 'pop.db'}",
+                                                 pop_path)):
+        with untouched(imap=[old_account], pop3=[old_account], state_url=state,
+                       paths=[pop_arch]):
+            proc = run_cli("report", "-c", str(config_path))
+            assert proc.returncode == 0, proc.stderr  # the report says so; it is not refused
+            dry = run_cli("run", "-c", str(config_path), "--dry-run")
+        if config_path == bound:
+            assert "warning: a run would be refused: job 'alice' would use POP3" in proc.stdout
+            assert dry.returncode == 2 and "bound to IMAP" in dry.stdout
+        else:
+            assert "to delete" in proc.stdout and dry.returncode == 0, dry.stderr
+
+
+def test_text_is_stable_inbox_first_and_dry_run_prints_it(filled, old_account, new_account,
+                                                          tmp_path):
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)])
+    first = run_cli("report", "-c", str(path), "--no-sample")
+    assert first.returncode == 0, first.stderr
+    lines = [ln.strip() for ln in first.stdout.splitlines()
+             if " → " in ln and not ln.strip().startswith("folders")]
+    assert lines[0].startswith("INBOX → INBOX (existing, same name)")
+    assert lines[1:] == sorted(lines[1:]) and len(lines) == 6
+    again = run_cli("report", "-c", str(path), "--no-sample")
+    dry = run_cli("run", "-c", str(path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+
+    def body(out: str) -> list[str]:  # all but the time stamp and the measured estimate
+        return [ln for ln in out.splitlines()[1:] if "estimated duration" not in ln]
+    assert body(again.stdout) == body(first.stdout)
+    assert body(dry.stdout) == body(first.stdout)
+    assert "estimated duration: about" in dry.stdout
+    assert list(tmp_path.glob("mailmigrate.db*")) == []  # no state database created
+
+
+def test_output_file_and_exit_codes(filled, old_account, new_account, tmp_path):
+    path = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)])
+    out = tmp_path / "r.json"
+    proc = run_cli("report", "-c", str(path), "--format", "json", "-o", str(out))
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr  # work to do: still 0
+    assert json.loads(out.read_text())["totals"]["to_copy"] == len(filled)
+    # a bad config: 2, no traceback
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[jobs]]\nname = 1\n")
+    proc = run_cli("report", "-c", str(bad))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert run_cli("report", "-c", str(tmp_path / "missing.toml")).returncode == 2
+    # a job that cannot be planned (wrong password): 1, the error in the report, the
+    # other job planned all the same
+    wrong = dict(imap_job("bob", old_account, new_account))
+    wrong["source"] = {**wrong["source"], "password": "wrong"}
+    path2 = write_config(tmp_path / "two.toml", [imap_job("alice", old_account, new_account),
+                                                 wrong])
+    proc = run_cli("report", "-c", str(path2), "--format", "json")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    doc = json.loads(proc.stdout)
+    bob = job_of(doc, "bob")
+    assert not bob["planned"] and "login" in bob["error"] and "failed" in bob["error"]
+    assert job_of(doc, "alice")["planned"] and doc["totals"]["jobs_not_planned"] == 1
+    assert "mailmigrate: error: bob: " in proc.stderr
+    text_out = run_cli("report", "-c", str(path2)).stdout
+    assert "NOT PLANNED: IMAP login as" in text_out
+    unwritable = run_cli("report", "-c", str(path), "-o", str(tmp_path / "no" / "dir.txt"))
+    assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr

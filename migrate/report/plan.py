@@ -156,7 +156,7 @@ def build_report(config: Config, names: Sequence[str] | None = None,
     totals["jobs"] = len(jobs)
     totals["jobs_not_planned"] = sum(1 for j in jobs if not j["planned"])
     # jobs run one after the other by default (--workers 1): their durations add up
-    totals["estimated_seconds"] = round(sum(estimates), 1) if estimates else None
+    totals["estimated_seconds"] = round(sum(estimates), 3) if estimates else None
     return {"schema": SCHEMA, "generated_at": now_text(), "config": str(config.path),
             "state_database": database, "database_exists": store is not None,
             "totals": totals, "jobs": jobs}
@@ -449,7 +449,7 @@ def _estimate(plan: _JobPlan, seconds: float, nbytes: int, count: int, transfers
     if not rate:
         return
     plan.doc["estimate"] = {
-        "seconds": round(transfers * to_copy_bytes / rate, 1),
+        "seconds": round(transfers * to_copy_bytes / rate, 3),
         "sample_messages": count, "sample_bytes": nbytes,
         "sample_seconds": round(seconds, 4),
         "bytes_per_second": int(rate),

@@ -100,9 +100,10 @@ def render(doc: dict) -> str:
     t = doc["totals"]
     out.append("")
     line = f"overall: {plural(t['jobs'], 'job')}, {totals_text(t)}"
-    if t["estimated_seconds"] is not None:
-        line += f"; estimated duration about {duration(t['estimated_seconds'])}"
     if t["jobs_not_planned"]:
         line += f"; {plural(t['jobs_not_planned'], 'job')} could not be planned (see above)"
     out.append(line)
+    if t["estimated_seconds"] is not None:
+        out.append(f"estimated duration of all jobs: about {duration(t['estimated_seconds'])}"
+                   " (jobs one after the other)")
     return "\n".join(out) + "\n"
