@@ -26,6 +26,7 @@ from .errors import (
 from .imap_copy import ImapCopy
 from .limits import ConnectionLimits
 from .pop3_archive import Pop3Archive
+from .report import dry_run_results
 from .results import JobResult, plural
 from .runner import Counters, RunOptions
 from .store import DATABASE_ERRORS, Store, database_error_text, sqlite_file
@@ -40,6 +41,12 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
     mail shows what finished before a kill).  Results come back in config order.
     Whatever goes wrong in one job is that job's error: the others still run.  Every
     job of the run shares one connection limit per server (``max_connections``)."""
+    if options.dry_run:  # read-only: the report's planner, never the jobs themselves
+        results = dry_run_results(config, names, options)
+        for r in results:
+            if on_result is not None:
+                on_result(r)
+        return results
     selected = config.select(names)
     jobs = [item for item in selected if isinstance(item, Job)]
     if options.connection_limits is None:

@@ -359,8 +359,7 @@ class ImapCopy(JobRunner):
                       f"{quarantined[0].source_uid}: {quarantined[0].last_error}")
         progress.grow(len(pending))
 
-        if self.dry:
-            self._dry_report(plan, pending, rows, by_uid, dst, dsel)
+        if self.dry:  # the engine plans dry runs with migrate.report instead
             return
         assert dsel is not None
         if pending:
@@ -828,38 +827,6 @@ class ImapCopy(JobRunner):
             self._store_flags(dst, changes)
             self.store.update_flags(records)
             self.counters.add("flags_updated", len(records))
-
-    # --- dry run -----------------------------------------------------------------
-
-    def _dry_report(self, plan, pending, rows, by_uid, dst, dsel) -> None:
-        maybe_dupes = 0
-        if pending and dsel is not None:
-            # the same candidates a real run would confirm by sha256
-            index = {_dup_key(m.message_id, m.size) for m in dst.list_messages(dsel.exists)}
-            maybe_dupes = sum(1 for r in pending if _dup_key(r.message_id, r.size) in index)
-        flag_changes = sum(1 for r in rows.values()
-                           if r.state in (State.VERIFIED, State.DELETING)
-                           and r.source_uid in by_uid and by_uid[r.source_uid].flags != r.flags)
-        size = sum(r.size for r in pending)
-        deletable = 0
-        if self.job.delete_after_verify:
-            deletable = sum(1 for r in rows.values() if r.source_uid in by_uid
-                            and r.state in deletion.DELETABLE)
-            self.counters.add("would_delete", deletable)
-        self.counters.add("would_copy", len(pending))
-        self.counters.add("would_copy_bytes", size)
-        self.counters.add("flags_updated", flag_changes)
-        line = (f"folder {plan.source!r} → {plan.destination!r}: {len(pending)} to copy "
-                f"({size / 1e6:.1f} MB)")
-        if maybe_dupes:
-            line += (f", {maybe_dupes} of them possibly already there (same Message-ID, or "
-                     "size without one)")
-        line += f", {flag_changes} flag updates"
-        if self.job.delete_after_verify:
-            line += (f", {deletable} verified to delete from the source "
-                     f"(+{len(pending)} once copied)")
-        with self._lock:
-            self.result.plan.append(line)
 
     # --- deletion ----------------------------------------------------------------
 

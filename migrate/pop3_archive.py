@@ -25,7 +25,7 @@ from .endpoints.pop3 import Pop3Message, Pop3Session
 from .limits import SlotWaitStopped
 from .results import JobResult
 from .runner import Counters, JobRunner, Progress, RunOptions
-from .errors import ConnectionLost, MessageError, SafetyError
+from .errors import ConnectionLost, MessageError
 from .deletion import LookedAgain
 from .states import State
 from .store import MessageRow, Store
@@ -103,8 +103,7 @@ class Pop3Archive(JobRunner):
             pending = [rows[m.key] for m in listing
                        if rows[m.key].state in (State.SEEN, State.APPENDING, State.FAILED)
                        and m.key not in self.failed_keys]
-            if self.dry:
-                self._dry_report(listing, rows, pending)
+            if self.dry:  # the engine plans dry runs with migrate.report instead
                 session.close()
                 return
             progress.grow(len(pending))
@@ -316,34 +315,6 @@ class Pop3Archive(JobRunner):
                             lambda u, rows: deletion.delete_unit(self, u, rows))
         if not unit.quit_sent:
             session.quit()
-
-    # --- dry run -----------------------------------------------------------------
-
-    def _dry_report(self, listing, rows, pending) -> None:
-        size = sum(r.size for r in pending)
-        present = [rows[m.key] for m in listing]
-        due = deletion.candidates(present, self.store.clock(), self.job.delete_after_verify,
-                         self.job.leave_on_server_days)
-        self.counters.add("would_copy", len(pending))
-        self.counters.add("would_copy_bytes", size)
-        self.counters.add("would_delete", len(due))
-        line = (f"folder 'INBOX' (POP3): {len(listing)} messages on the server "
-                f"({sum(m.size for m in listing) / 1e6:.1f} MB), {len(pending)} to archive "
-                f"({size / 1e6:.1f} MB)")
-        if self.job.delete_after_verify:
-            line += f", {len(due)} verified to delete (+{len(pending)} once archived)"
-        elif self.job.leave_on_server_days is not None:
-            line += (f", {len(due)} archived more than {self.job.leave_on_server_days} days "
-                     "ago to delete")
-        else:
-            line += ", nothing will be deleted (mail stays on the server)"
-        self.result.plan.append(line)
-        try:
-            deletion.check_cap(self.job.name, len(due) + (len(pending) if
-                             self.job.delete_after_verify else 0), self.options.max_delete)
-        except SafetyError as exc:
-            self.result.plan.append(f"deletion would be refused: {exc}")
-
 
 
 class _Pop3Mailbox:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import random
 
+import re
+
 import pytest
 
 from migrate.states import State
@@ -192,12 +194,13 @@ def test_dry_run_changes_nothing(filled, old_account, new_account, config, tmp_p
     path = config(delete_after_verify=True)
     proc = run_cli("run", "-c", str(path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "would create folder 'Archive/2019' (from 'INBOX.Archive.2019')" in proc.stdout
-    assert "folder 'INBOX' → 'INBOX': 10 to copy" in proc.stdout
+    assert "INBOX.Archive.2019 → Archive/2019 (create, same name): " in proc.stdout
+    assert re.search(r"INBOX → INBOX \(existing, same name\): 10 messages \([0-9.]+ MB\), "
+                     r"0 already there, 10 to copy", proc.stdout), proc.stdout
     total_mb = sum(len(m.body) for m in filled) / 1e6
-    assert (f"alice (dry run): would copy {len(filled)} messages ({total_mb:.1f} MB) in 6 "
-            "folders, update flags on 0, delete 0 now verified; nothing was changed") \
-        in proc.stdout
+    assert (f"overall: 1 job, {len(filled)} messages ({total_mb:.1f} MB) at the source, 0 "
+            f"already there, {len(filled)} to copy ({total_mb:.1f} MB), 0 flag updates, "
+            f"{len(filled)} to delete") in proc.stdout
     assert (mailgen.snapshot(old_account), mailgen.snapshot(new_account)) == before
     store = Store(f"sqlite:///{tmp_path / 'mailmigrate.db'}")
     assert store.find_job("alice") is None and store.bindings() == []
@@ -215,10 +218,12 @@ def test_dry_run_after_a_copy_reports_flag_updates_and_deletions(filled, old_acc
     before = (mailgen.snapshot(old_account), mailgen.snapshot(new_account))
     path = config(delete_after_verify=True)
     result = run(path, dry_run=True, max_delete=5)
-    assert "folder 'INBOX' → 'INBOX': 0 to copy (0.0 MB), 2 flag updates, 10 verified to " \
-           "delete from the source (+0 once copied)" in result.plan
+    assert any(re.search(r"INBOX → INBOX \(existing, same name\): 10 messages \([0-9.]+ "
+                         r"MB\), 10 already there, 0 to copy \(0.0 MB\), 2 flag updates, 10 to "
+                         r"delete$", line) for line in result.plan), result.plan
     assert any("deletion would be refused" in line and "more than --max-delete 5" in line
                for line in result.plan)
+    assert result.counts["flags_updated"] == 2 and result.counts["would_copy"] == 0
     assert (mailgen.snapshot(old_account), mailgen.snapshot(new_account)) == before
 
 

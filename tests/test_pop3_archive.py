@@ -203,8 +203,10 @@ def test_dry_run_lists_and_touches_nothing(filled, old_account, tmp_path):
                                                       delete_after_verify=True)])
     proc = run_cli("run", "-c", str(path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert f"folder 'INBOX' (POP3): {len(filled)} messages on the server" in proc.stdout
-    assert f"{len(filled)} to archive" in proc.stdout
+    assert (f"INBOX → {tmp_path / 'arch'} (archive, POP3 mailbox): {len(filled)} messages "
+            in proc.stdout), proc.stdout
+    assert f"0 already there, {len(filled)} to copy" in proc.stdout
+    assert "delete_after_verify: " in proc.stdout
     assert not (tmp_path / "arch").exists()
     assert len(mailgen.snapshot(old_account)["INBOX"]) == len(filled)
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
-import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest

@@ -64,39 +64,7 @@ def render(doc: dict) -> str:
            + ("" if doc["database_exists"] else " (none yet: no run has happened)")]
     for job in doc["jobs"]:
         out.append("")
-        out.append(f"job {job['name']} ({job['kind']})")
-        if job["source"]:
-            out.append(f"  from {job['source']}")
-            out.append(f"  to   {job['destination']}")
-        if job["error"]:
-            out.append(f"  NOT PLANNED: {job['error']}")
-        for w in job["warnings"]:
-            out.append(f"  warning: {w}")
-        if not job["planned"]:
-            continue
-        out.append("  folders (source → destination, action, why):")
-        for f in job["folders"]:
-            out.append(f"    {folder_text(f)}")
-        if job["excluded"]:
-            out.append("  excluded:")
-            for e in job["excluded"]:
-                out.append(f"    {e['source']}: {e['rule']}")
-        if job["largest"]:
-            out.append("  largest messages: " + ", ".join(
-                f"{m['folder']} {m['id']} {mb(m['size'])}" for m in job["largest"]))
-        for r in job["destination_refuses"]:
-            where = f"{r['folder']} {r['id']} ({mb(r['size'])}): " if r["folder"] else ""
-            out.append(f"  the destination will refuse: {where}{r['reason']}")
-        if job["quota"]:
-            q = job["quota"]
-            out.append(f"  destination quota: {mb(q['used_bytes'])} used of "
-                       f"{mb(q['limit_bytes'])}")
-        out.append(f"  deletion: {deletion_text(job)}")
-        e = job["estimate"]
-        if e:
-            out.append(f"  estimated duration: about {duration(e['seconds'])} (an estimate: "
-                       f"{e['method']})")
-        out.append(f"  total: {totals_text(job['totals'])}")
+        out += job_lines(job)
     t = doc["totals"]
     out.append("")
     line = f"overall: {plural(t['jobs'], 'job')}, {totals_text(t)}"
@@ -107,3 +75,40 @@ def render(doc: dict) -> str:
         out.append(f"estimated duration of all jobs: about {duration(t['estimated_seconds'])}"
                    " (jobs one after the other)")
     return "\n".join(out) + "\n"
+
+
+def job_lines(job: dict) -> list[str]:
+    out = [f"job {job['name']} ({job['kind']})"]
+    if job["source"]:
+        out.append(f"  from {job['source']}")
+        out.append(f"  to   {job['destination']}")
+    if job["error"]:
+        out.append(f"  NOT PLANNED: {job['error']}")
+    for w in job["warnings"]:
+        out.append(f"  warning: {w}")
+    if not job["planned"]:
+        return out
+    out.append("  folders (source → destination, action, why):")
+    for f in job["folders"]:
+        out.append(f"    {folder_text(f)}")
+    if job["excluded"]:
+        out.append("  excluded:")
+        for e in job["excluded"]:
+            out.append(f"    {e['source']}: {e['rule']}")
+    if job["largest"]:
+        out.append("  largest messages: " + ", ".join(
+            f"{m['folder']} {m['id']} {mb(m['size'])}" for m in job["largest"]))
+    for r in job["destination_refuses"]:
+        where = f"{r['folder']} {r['id']} ({mb(r['size'])}): " if r["folder"] else ""
+        out.append(f"  the destination will refuse: {where}{r['reason']}")
+    if job["quota"]:
+        q = job["quota"]
+        out.append(f"  destination quota: {mb(q['used_bytes'])} used of "
+                   f"{mb(q['limit_bytes'])}")
+    out.append(f"  deletion: {deletion_text(job)}")
+    e = job["estimate"]
+    if e:
+        out.append(f"  estimated duration: about {duration(e['seconds'])} (an estimate: "
+                   f"{e['method']})")
+    out.append(f"  total: {totals_text(job['totals'])}")
+    return out
