@@ -9,6 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -313,3 +316,159 @@ def test_output_file_and_exit_codes(filled, old_account, new_account, tmp_path):
     assert "NOT PLANNED: IMAP login as" in text_out
     unwritable = run_cli("report", "-c", str(path), "-o", str(tmp_path / "no" / "dir.txt"))
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr
+
+
+# --- the JSON schema ------------------------------------------------------------------
+# A small validator for the part of JSON Schema that docs/report.schema.json uses (type,
+# const, enum, properties, required, additionalProperties, items, minimum): the project
+# needs no jsonschema dependency for one test, and this fails on exactly what matters.
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+          "integer": int, "number": (int, float)}
+
+
+def schema_errors(value, schema: dict, where: str = "$") -> list[str]:
+    errors = []
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        ok = any(isinstance(value, _TYPES[t]) and not (
+            t in ("integer", "number") and isinstance(value, bool)) for t in types)
+        if not ok:
+            return [f"{where}: {value!r} is not of type {types}"]
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{where}: {value!r} is not {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "minimum" in schema and isinstance(value, (int, float)) and value < schema["minimum"]:
+        errors.append(f"{where}: {value} < {schema['minimum']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}: {key!r} is missing")
+        for key, item in value.items():
+            if key in props:
+                errors += schema_errors(item, props[key], f"{where}.{key}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where}: {key!r} is not in the schema")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += schema_errors(item, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+def test_the_validator_catches_what_it_should():
+    schema = json.loads(SCHEMA_FILE.read_text())
+    assert schema_errors({"schema": "mailmigrate.report/2"}, schema)
+    doc = json.loads(render(_wrap() | {"jobs": [], "totals": _wrap()["totals"]}, "json"))
+    assert any("'already_there_bytes' is missing" in e for e in schema_errors(doc, schema))
+
+
+def test_json_documents_match_the_schema(filled, old_account, new_account, old_host,
+                                         tmp_path):
+    schema = json.loads(SCHEMA_FILE.read_text())
+    carol = old_host.add_user(f"report-carol-{os.getpid()}@old.test", "pw-carol")
+    mailgen.fill(carol, filled[:3])
+    wrong = dict(imap_job("bob", carol, new_account))
+    wrong["source"] = {**wrong["source"], "username": f"nobody-{os.getpid()}@old.test"}
+    path = write_config(tmp_path / "c.toml", [
+        imap_job("alice", old_account, new_account, delete_after_verify=True),
+        pop_job(carol, tmp_path / "arch", name="carol-pop"), wrong])
+    proc = run_cli("report", "-c", str(path), "--format", "json")
+    assert proc.returncode == 1, proc.stderr  # bob cannot log in
+    doc = json.loads(proc.stdout)
+    assert schema_errors(doc, schema) == []
+    assert [j["kind"] for j in doc["jobs"]] == ["imap-copy", "pop3-archive", "imap-copy"]
+    # run --dry-run --json prints the same document
+    dry = json.loads(run_cli("run", "-c", str(path), "--dry-run", "--json").stdout)
+    assert schema_errors(dry, schema) == []
+    assert [j["totals"] for j in dry["jobs"]] == [j["totals"] for j in doc["jobs"]]
+
+
+# --- the HTML page in a real browser --------------------------------------------------
+
+
+class _Cells(HTMLParser):
+    """Number cells (data-key) in document order, and where the warnings and the first
+    table are."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells: list[tuple[dict, str]] = []
+        self.order: list[str] = []
+        self._open: dict | None = None
+        self._text = ""
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id") in ("warnings", "errors"):
+            self.order.append(a["id"])
+        if tag == "table":
+            self.order.append("table")
+        if tag == "td" and "data-key" in a:
+            self._open, self._text = a, ""
+
+    def handle_data(self, data):
+        if self._open is not None:
+            self._text += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._open is not None:
+            self.cells.append((self._open, self._text.strip()))
+            self._open = None
+
+
+def chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: scripts/test installs chromium"
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", *args],
+        capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_html_page_in_headless_chromium(filled, old_account, new_account, tmp_path):
+    path = write_config(tmp_path / "c.toml", [
+        imap_job("alice", old_account, new_account, folders={"include": ["INBOX*"],
+                                                              "exclude": ["INBOX.Entw*"]})])
+    assert run(write_config(tmp_path / "half.toml", [imap_job(
+        "alice", old_account, new_account, folders={"include": ["INBOX.Archive*"]})])).ok
+    mailgen.expunge_first(old_account, "INBOX.Archive", 1)  # a warning to show
+    page = tmp_path / "report.html"
+    proc = run_cli("report", "-c", str(path), "--format", "html", "-o", str(page))
+    assert proc.returncode == 0, proc.stderr
+    html_text = page.read_text()
+    # self-contained: nothing to fetch, nothing to run
+    assert not re.search(r"<script|<link|src=|url\(|@import", html_text, re.I)
+    doc = json.loads(run_cli("report", "-c", str(path), "--format", "json",
+                             "--no-sample").stdout)
+    dom = chromium("--dump-dom", page.as_uri(), tmp_path=tmp_path)
+    assert dom.returncode == 0 and "</html>" in dom.stdout, dom.stderr[-2000:]
+    cells = _Cells()
+    cells.feed(dom.stdout)
+    # warnings before any table
+    assert cells.order[0] == "warnings" and "table" in cells.order, cells.order
+    assert "1 message vanished from the source" in dom.stdout
+    # every number on the page is the JSON's
+    j = job_of(doc)
+    by = folders(doc)
+    seen_folders = set()
+    for attrs, value in cells.cells:
+        key = attrs["data-key"]
+        if key == "jobs":
+            assert int(value) == doc["totals"]["jobs"]
+        elif attrs.get("data-folder"):
+            seen_folders.add(attrs["data-folder"])
+            assert int(value) == by[attrs["data-folder"]][key], (attrs, value)
+        elif attrs.get("data-job"):
+            assert int(value) == j["totals"][key], (attrs, value)
+        else:
+            assert int(value) == doc["totals"][key], (attrs, value)
+    assert seen_folders == set(by) and len(by) == 5
+    assert by["INBOX.Archive"]["already_there"] > 0 and by["INBOX"]["to_copy"] > 0
+    # and it renders: a screenshot of the page
+    shot = tmp_path / "report.png"
+    proc = chromium(f"--screenshot={shot}", "--window-size=1100,900", page.as_uri(),
+                    tmp_path=tmp_path)
+    assert proc.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr
+    assert shot.stat().st_size > 10_000
