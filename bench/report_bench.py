@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-destination", action="store_true",
                     help="leave the destination empty (no duplicate matching)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one report in-process (cProfile, top 25)")
     args = ap.parse_args()
 
     ca = trustme.CA()
@@ -108,6 +110,19 @@ def main() -> int:
             cold = False
             print(f"report {' '.join(extra) or '(text)'} {label}: {took:.2f} s"
                   + (f"  [{overall[0]}]" if overall else ""))
+        if args.profile:
+            import cProfile
+            import pstats
+
+            from migrate import config as config_mod
+            from migrate.report import PlanOptions, build_report
+
+            loaded = config_mod.load(path)
+            prof = cProfile.Profile()
+            t = time.monotonic()
+            prof.runcall(build_report, loaded, None, PlanOptions(sample=False))
+            print(f"in-process report under cProfile: {time.monotonic() - t:.2f} s")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
         return 0
     finally:
         old.cleanup()

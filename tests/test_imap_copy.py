@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import collections
 import random
-
 import re
 
 import pytest
 
+from migrate.report.text import size_text
 from migrate.states import State
 from migrate.store import Store
 from tests.rig import mailgen
@@ -195,11 +195,11 @@ def test_dry_run_changes_nothing(filled, old_account, new_account, config, tmp_p
     proc = run_cli("run", "-c", str(path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "INBOX.Archive.2019 → Archive/2019 (create, same name): " in proc.stdout
-    assert re.search(r"INBOX → INBOX \(existing, same name\): 10 messages \([0-9.]+ MB\), "
+    assert re.search(r"INBOX → INBOX \(existing, same name\): 10 messages \([0-9.]+ [KMG]B\), "
                      r"0 already there, 10 to copy", proc.stdout), proc.stdout
-    total_mb = sum(len(m.body) for m in filled) / 1e6
-    assert (f"overall: 1 job, {len(filled)} messages ({total_mb:.1f} MB) at the source, 0 "
-            f"already there, {len(filled)} to copy ({total_mb:.1f} MB), 0 flag updates, "
+    total = size_text(sum(len(m.body) for m in filled))
+    assert (f"overall: 1 job, {len(filled)} messages ({total}) at the source, 0 "
+            f"already there, {len(filled)} to copy ({total}), 0 flag updates, "
             f"{len(filled)} to delete") in proc.stdout
     assert (mailgen.snapshot(old_account), mailgen.snapshot(new_account)) == before
     store = Store(f"sqlite:///{tmp_path / 'mailmigrate.db'}")
@@ -219,7 +219,7 @@ def test_dry_run_after_a_copy_reports_flag_updates_and_deletions(filled, old_acc
     path = config(delete_after_verify=True)
     result = run(path, dry_run=True, max_delete=5)
     assert any(re.search(r"INBOX → INBOX \(existing, same name\): 10 messages \([0-9.]+ "
-                         r"MB\), 10 already there, 0 to copy \(0.0 MB\), 2 flag updates, 10 to "
+                         r"[KMG]B\), 10 already there, 0 to copy \(0 KB\), 2 flag updates, 10 to "
                          r"delete$", line) for line in result.plan), result.plan
     assert any("deletion would be refused" in line and "more than --max-delete 5" in line
                for line in result.plan)

@@ -38,6 +38,10 @@ UNCOPYABLE_FLAGS = frozenset({"\\recent", "\\deleted"})
 _APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
 _MSGID_RE = re.compile(rb"<[^<>\s]+>")
 _UID_RE = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
+_SCAN_START = re.compile(rb"\d+ \(")
+_SCAN_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
+_SCAN_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)", re.IGNORECASE)
+_SCAN_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)", re.IGNORECASE)
 _BODY_RE = re.compile(rb"\bBODY\[\](?:<\d+>)? \{\d+\}$", re.IGNORECASE)
 
 
@@ -793,6 +797,76 @@ class ImapSession:
         return {int(u): int(it[b"RFC822.SIZE"]) for u, it in data.items()
                 if int(u) in wanted and b"RFC822.SIZE" in it}
 
+    # --- the read-only report: metadata of big folders, fast ----------------------
+
+    def scan_messages(self, exists: int, chunk: int = 5000
+                      ) -> Iterator[tuple[int, int, frozenset[str], str | None]]:
+        """(UID, RFC822.SIZE, flags, Message-ID) of every message in the selected folder,
+        streamed in UID ranges of ``chunk`` messages.  No INTERNALDATE, and the responses
+        are read with a few regular expressions instead of imapclient's general parser,
+        which takes ten times as long on a 100,000-message folder."""
+        if not exists:
+            return
+        uids = self._search_all()
+        for i in range(0, len(uids), chunk):
+            part = uids[i:i + chunk]
+            yield from self._scan_range(f"{part[0]}:{part[-1]}", set(part))
+
+    def _raw(self, what: str, *args: str) -> list:
+        """One command through imaplib, its untagged ``what`` responses as imaplib keeps
+        them (no parsing)."""
+        imap = self.client._imap
+        try:
+            typ, data = imap._simple_command(*args)
+            if typ != "OK":
+                raise IMAPClientError(b" ".join(
+                    d for d in data if isinstance(d, bytes)).decode("utf-8", "replace"))
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            if imap_pushback(str(exc)):
+                raise pushback(self.endpoint, what, _server_text(exc)) from None
+            raise FolderError(f"the server refused to list messages of {self.selected!r}: "
+                              f"{_server_text(exc)}") from None
+        return imap._untagged_response(typ, data, what)[1] or []
+
+    @_guard
+    def _search_all(self) -> list[int]:
+        data = self._raw("SEARCH", "UID", "SEARCH", "ALL")
+        return sorted(int(u) for line in data if line for u in line.split())
+
+    @_guard
+    def _scan_range(self, uid_range: str, wanted: set[int]
+                    ) -> list[tuple[int, int, frozenset[str], str | None]]:
+        data = self._raw("FETCH", "UID", "FETCH", uid_range,
+                         "(UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        # imaplib gives each response as (text up to a literal, literal) and the text
+        # after the literal as the next item; a response begins with "<seq> ("
+        out = []
+        text, header = b"", None
+
+        def done() -> None:
+            uid, size = _SCAN_UID.search(text), _SCAN_SIZE.search(text)
+            flags = _SCAN_FLAGS.search(text)
+            if uid and size and int(uid.group(1)) in wanted:
+                out.append((int(uid.group(1)), int(size.group(1)),
+                            copyable_flags(flags.group(1).split() if flags else ()),
+                            parse_message_id(header)))
+        for item in data:
+            part, literal = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
+            if part is None:
+                continue
+            if _SCAN_START.match(part):
+                if text:
+                    done()
+                text, header = part, None
+            else:
+                text += part
+            if literal is not None:
+                header = literal
+        if text:
+            done()
+        return out
 
 def _authenticate(client: IMAPClient, endpoint: Endpoint) -> None:
     """Log in as endpoint.auth says: LOGIN with the mailbox's password; SASL PLAIN as

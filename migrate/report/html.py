@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from html import escape
 
-from .text import deletion_text, duration, mb
+from .text import deletion_text, duration, size_text
 
 CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222}
+body{font:13px/1.35 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222}
 h1{font-size:1.5em;margin:0 0 .2em}h2{font-size:1.2em;margin:1.6em 0 .4em}
 .meta{color:#666;margin:0 0 1em}
 table{border-collapse:collapse;margin:.4em 0 1em;min-width:60%}
@@ -19,7 +19,7 @@ th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .warnings{background:#fff4e5;border:1px solid #f0a030;padding:.6em 1em;margin:1em 0}
 .warnings li{margin:.2em 0}.error{background:#fde8e8;border:1px solid #d33;padding:.6em 1em}
 .ok{background:#eaf7ea;border:1px solid #5a5;padding:.6em 1em}
-.bar{display:flex;width:16em;height:.9em;background:#eee;border:1px solid #bbb}
+.bar{display:flex;width:8em;height:.9em;background:#eee;border:1px solid #bbb}
 .bar .done{background:#4a9d4a}.bar .todo{background:#e0a030}
 .legend span{display:inline-block;width:.9em;height:.9em;vertical-align:middle;margin:0 .3em}
 small{color:#666}
@@ -115,7 +115,7 @@ def render(doc: dict) -> str:
                 f"<li>{e(x['source'])}: {e(x['rule'])}</li>" for x in j["excluded"]) + "</ul>")
         if j["largest"]:
             out.append("<p>largest messages:</p><ul>" + "".join(
-                f"<li>{e(m['folder'])} {e(m['id'])}: {mb(m['size'])}</li>"
+                f"<li>{e(m['folder'])} {e(m['id'])}: {size_text(m['size'])}</li>"
                 for m in j["largest"]) + "</ul>")
         if j["destination_refuses"]:
             out.append("<p>the destination will refuse:</p><ul>" + "".join(
@@ -123,7 +123,7 @@ def render(doc: dict) -> str:
                 for r in j["destination_refuses"]) + "</ul>")
         out.append(f"<p>deletion: {e(deletion_text(j))}</p>")
         if j["estimate"]:
-            out.append(f"<p>estimated duration: about {e(duration(j['estimate']['seconds']))}"
+            out.append(f"<p>estimated duration: {e(duration(j['estimate']['seconds']))}"
                        f" <small>({e(j['estimate']['method'])})</small></p>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -324,7 +324,6 @@ def _plan_imap_folder(plan: _JobPlan, job: Job, p: FolderPlan, src: ImapSession,
     doc["personal"] = p.personal
     try:
         sel = src.select(p.source, readonly=True)  # EXAMINE
-        metas = src.list_messages(sel.exists)
         frow = store.folder(job_id, p.source) if store is not None and job_id else None
         rows: dict[str, MessageRow] = store.messages(frow.id) if frow else {}
         if frow and frow.uidvalidity not in (None, sel.uidvalidity):
@@ -333,15 +332,6 @@ def _plan_imap_folder(plan: _JobPlan, job: Job, p: FolderPlan, src: ImapSession,
                       "hash instead of copying again")
         prefix = f"{sel.uidvalidity}:"
         by_uid = {r.source_uid: r for k, r in rows.items() if k.startswith(prefix)}
-        present = {m.uid for m in metas}
-        vanished = sum(1 for r in by_uid.values()
-                       if r.source_uid not in present and r.state in _VANISHING)
-        if vanished:
-            doc["vanished"] = vanished
-            plan.warn(f"folder {p.source!r}: {plural(vanished, 'message')} vanished from "
-                      "the source since the last run without mailmigrate deleting them; "
-                      "another client (often a POP3 client) is deleting mail from this "
-                      "mailbox")
         # the destination as it is: copies of earlier runs, and what our duplicate rules
         # would find there (Message-ID, or size for messages without one)
         dest_keys: Counter = Counter()
@@ -349,24 +339,26 @@ def _plan_imap_folder(plan: _JobPlan, job: Job, p: FolderPlan, src: ImapSession,
         dsel = None
         if not p.create:
             dsel = dst.select(p.destination, readonly=True)  # EXAMINE
-            dmetas = dst.list_messages(dsel.exists)
-            dest_uids = {m.uid for m in dmetas}
             claimed = {r.destination_uid for r in by_uid.values()
                        if r.destination_uid and r.destination_uidvalidity == dsel.uidvalidity
                        and r.state in _THERE | {State.COPIED, State.FAILED}}
-            dest_keys.update(_dup_key(m.message_id, m.size) for m in dmetas
-                             if m.uid not in claimed)
+            for uid, size, _flags, message_id in dst.scan_messages(dsel.exists):
+                dest_uids.add(uid)
+                if uid not in claimed:
+                    dest_keys[_dup_key(message_id, size)] += 1
+        present: set[int] = set()
         quarantined_example = None
-        for m in metas:
+        for uid, size, flags, message_id in src.scan_messages(sel.exists):
+            present.add(uid)
             doc["source_messages"] += 1
-            doc["source_bytes"] += m.size
-            plan.consider(p.source, f"UID {m.uid}", m.size)
-            r = by_uid.get(m.uid)
+            doc["source_bytes"] += size
+            plan.consider(p.source, f"UID {uid}", size)
+            r = by_uid.get(uid)
             state = r.state if r is not None else State.SEEN
             if state in _THERE:
                 doc["already_there"] += 1
-                doc["already_there_bytes"] += m.size
-                if m.flags != r.flags:
+                doc["already_there_bytes"] += size
+                if flags != r.flags:
                     doc["flags_to_update"] += 1
                 continue
             if state == State.QUARANTINED:
@@ -381,22 +373,30 @@ def _plan_imap_folder(plan: _JobPlan, job: Job, p: FolderPlan, src: ImapSession,
                     and r.destination_uid in dest_uids):
                 # copied by an earlier run, not yet verified: a run checks that copy
                 doc["already_there"] += 1
-                doc["already_there_bytes"] += m.size
+                doc["already_there_bytes"] += size
                 continue
-            key = _dup_key(m.message_id, m.size)
+            key = _dup_key(message_id, size)
             if dest_keys[key] > 0:
                 dest_keys[key] -= 1
                 doc["already_there"] += 1
-                doc["already_there_bytes"] += m.size
+                doc["already_there_bytes"] += size
                 continue
             doc["to_copy"] += 1
-            doc["to_copy_bytes"] += m.size
-            plan.want_sample(p.source, m.uid, m.size)
-            if appendlimit is not None and m.size > appendlimit:
+            doc["to_copy_bytes"] += size
+            plan.want_sample(p.source, uid, size)
+            if appendlimit is not None and size > appendlimit:
                 plan.doc["destination_refuses"].append({
-                    "folder": p.source, "id": f"UID {m.uid}", "size": m.size,
+                    "folder": p.source, "id": f"UID {uid}", "size": size,
                     "reason": f"larger than the destination's APPENDLIMIT of "
                               f"{appendlimit} bytes"})
+        vanished = sum(1 for r in by_uid.values()
+                       if r.source_uid not in present and r.state in _VANISHING)
+        if vanished:
+            doc["vanished"] = vanished
+            plan.warn(f"folder {p.source!r}: {plural(vanished, 'message')} vanished from "
+                      "the source since the last run without mailmigrate deleting them; "
+                      "another client (often a POP3 client) is deleting mail from this "
+                      "mailbox")
         if quarantined_example is not None:
             plan.warn(f"folder {p.source!r}: {plural(doc['quarantined'], 'message')} "
                       "quarantined by earlier runs (not retried by themselves; `mailmigrate "
@@ -503,7 +503,7 @@ def _plan_pop3(plan: _JobPlan, job: Job, store: Store | None, job_id: int | None
         for key, m in keyed:
             doc["source_messages"] += 1
             doc["source_bytes"] += m.size
-            plan.consider(POP3_FOLDER, key, m.size)
+            plan.consider(POP3_FOLDER, f"UIDL {key}", m.size)
             r = known.get(key)
             state = r.state if r is not None else State.SEEN
             if state in _THERE:

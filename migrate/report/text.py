@@ -5,33 +5,40 @@ from __future__ import annotations
 from ..results import plural
 
 
-def mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+def size_text(n: int) -> str:
+    """Bytes for people (decimal units, as mail clients and the run summary count)."""
+    if n < 1_000_000:
+        return f"{n / 1e3:.0f} KB" if n >= 1000 or n == 0 else "1 KB"
+    if n < 1_000_000_000:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB"
 
 
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
+    if seconds < 1:
+        return "under 1 s"
     if seconds < 60:
-        return f"{seconds:.0f} s"
+        return f"about {seconds:.0f} s"
     if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 def totals_text(t: dict) -> str:
-    return (f"{plural(t['source_messages'], 'message')} ({mb(t['source_bytes'])}) at the "
+    return (f"{plural(t['source_messages'], 'message')} ({size_text(t['source_bytes'])}) at the "
             f"source, {t['already_there']} already there, {t['to_copy']} to copy "
-            f"({mb(t['to_copy_bytes'])}), {t['flags_to_update']} flag updates, "
+            f"({size_text(t['to_copy_bytes'])}), {t['flags_to_update']} flag updates, "
             f"{t['to_delete']} to delete, {t['failed']} failed earlier, "
             f"{t['quarantined']} quarantined")
 
 
 def folder_text(f: dict) -> str:
     line = (f"{f['source']} → {f['destination']} ({f['action']}, {f['why']}): "
-            f"{f['source_messages']} messages ({mb(f['source_bytes'])}), "
+            f"{f['source_messages']} messages ({size_text(f['source_bytes'])}), "
             f"{f['already_there']} already there, {f['to_copy']} to copy "
-            f"({mb(f['to_copy_bytes'])}), {f['flags_to_update']} flag updates, "
+            f"({size_text(f['to_copy_bytes'])}), {f['flags_to_update']} flag updates, "
             f"{f['to_delete']} to delete")
     extra = [f"{f[k]} {k}" for k in ("failed", "quarantined", "vanished") if f[k]]
     if extra:
@@ -72,7 +79,7 @@ def render(doc: dict) -> str:
         line += f"; {plural(t['jobs_not_planned'], 'job')} could not be planned (see above)"
     out.append(line)
     if t["estimated_seconds"] is not None:
-        out.append(f"estimated duration of all jobs: about {duration(t['estimated_seconds'])}"
+        out.append(f"estimated duration of all jobs: {duration(t['estimated_seconds'])}"
                    " (jobs one after the other)")
     return "\n".join(out) + "\n"
 
@@ -97,18 +104,18 @@ def job_lines(job: dict) -> list[str]:
             out.append(f"    {e['source']}: {e['rule']}")
     if job["largest"]:
         out.append("  largest messages: " + ", ".join(
-            f"{m['folder']} {m['id']} {mb(m['size'])}" for m in job["largest"]))
+            f"{m['folder']} {m['id']} {size_text(m['size'])}" for m in job["largest"]))
     for r in job["destination_refuses"]:
-        where = f"{r['folder']} {r['id']} ({mb(r['size'])}): " if r["folder"] else ""
+        where = f"{r['folder']} {r['id']} ({size_text(r['size'])}): " if r["folder"] else ""
         out.append(f"  the destination will refuse: {where}{r['reason']}")
     if job["quota"]:
         q = job["quota"]
-        out.append(f"  destination quota: {mb(q['used_bytes'])} used of "
-                   f"{mb(q['limit_bytes'])}")
+        out.append(f"  destination quota: {size_text(q['used_bytes'])} used of "
+                   f"{size_text(q['limit_bytes'])}")
     out.append(f"  deletion: {deletion_text(job)}")
     e = job["estimate"]
     if e:
-        out.append(f"  estimated duration: about {duration(e['seconds'])} (an estimate: "
+        out.append(f"  estimated duration: {duration(e['seconds'])} (an estimate: "
                    f"{e['method']})")
     out.append(f"  total: {totals_text(job['totals'])}")
     return out
