@@ -844,14 +844,23 @@ class ImapSession:
         # after the literal as the next item; a response begins with "<seq> ("
         out = []
         text, header = b"", None
+        flag_sets: dict[bytes, frozenset[str]] = {}  # few distinct flag lists: parse once
 
         def done() -> None:
             uid, size = _SCAN_UID.search(text), _SCAN_SIZE.search(text)
-            flags = _SCAN_FLAGS.search(text)
-            if uid and size and int(uid.group(1)) in wanted:
-                out.append((int(uid.group(1)), int(size.group(1)),
-                            copyable_flags(flags.group(1).split() if flags else ()),
-                            parse_message_id(header)))
+            if not (uid and size and int(uid.group(1)) in wanted):
+                return
+            found = _SCAN_FLAGS.search(text)
+            raw = found.group(1) if found else b""
+            flags = flag_sets.get(raw)
+            if flags is None:
+                flags = flag_sets[raw] = copyable_flags(raw.split())
+            # the block holds the Message-ID field alone: unless folded, its <id> is it
+            mid = _MSGID_RE.search(header) if header and b"\n " not in header \
+                and b"\n\t" not in header else None
+            out.append((int(uid.group(1)), int(size.group(1)), flags,
+                        mid.group(0).decode("utf-8", "replace") if mid
+                        else parse_message_id(header)))
         for item in data:
             part, literal = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
             if part is None:
