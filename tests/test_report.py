@@ -20,6 +20,8 @@ from sqlalchemy import create_engine, text
 from migrate import config as cfg
 from migrate.report import build_report, render
 from tests.rig import mailgen
+from tests.rig.courier import courier_account, courier_host  # noqa: F401
+from tests.rig.cyrus import cyrus_account, cyrus_host  # noqa: F401
 from tests.rig.jobs import imap_job, run, run_cli, write_config
 from tests.rig.untouched import pop3_listing, untouched
 
@@ -472,3 +474,26 @@ def test_html_page_in_headless_chromium(filled, old_account, new_account, tmp_pa
                     tmp_path=tmp_path)
     assert proc.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr
     assert shot.stat().st_size > 10_000
+
+
+def test_courier_to_cyrus_before_and_after_a_run(courier_account, cyrus_account,  # noqa: F811
+                                                 tmp_path):
+    """Both listings parsed from other servers' answers (Courier quotes the header field
+    name, Cyrus orders the items its own way): the same numbers."""
+    msgs = [m for m in mailgen.realistic_mailbox(count=24, big=False, seed=93)
+            if m.body.split(b"\r\n\r\n", 1)[0].isascii()]  # Cyrus munges 8-bit headers
+    mailgen.fill(courier_account, msgs)
+    path = write_config(tmp_path / "c.toml", [imap_job("v", courier_account, cyrus_account)])
+    before = job_of(report(path), "v")
+    assert before["planned"], before["error"]
+    t = before["totals"]
+    assert (t["source_messages"], t["to_copy"], t["already_there"]) == (len(msgs), len(msgs), 0)
+    assert t["source_bytes"] == sum(len(m.body) for m in msgs)
+    assert run(path).ok
+    after = job_of(report(path), "v")["totals"]
+    assert (after["already_there"], after["to_copy"]) == (len(msgs), 0)
+    # without the state database, by the duplicate rules alone
+    for f in tmp_path.glob("mailmigrate.db*"):
+        f.unlink()
+    found = job_of(report(path), "v")["totals"]
+    assert (found["already_there"], found["to_copy"]) == (len(msgs), 0)
