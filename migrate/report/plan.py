@@ -554,8 +554,7 @@ def _plan_pop3(plan: _JobPlan, job: Job, store: Store | None, job_id: int | None
             _estimate(plan, seconds, nbytes, len(plan.sample), 1,
                       f"read {plural(len(plan.sample), 'message')} ({nbytes} bytes) from "
                       f"the POP3 server in {seconds:.3f} s")
-        session.client.rset()  # nothing is marked; QUIT must commit nothing
-        session.quit()
+        session.reset_and_quit()  # nothing is marked; QUIT must commit nothing
     except BaseException:
         session.close()
         raise
