@@ -497,3 +497,16 @@ def test_courier_to_cyrus_before_and_after_a_run(courier_account, cyrus_account,
         f.unlink()
     found = job_of(report(path), "v")["totals"]
     assert (found["already_there"], found["to_copy"]) == (len(msgs), 0)
+
+
+def test_plaintext_endpoint_is_a_warning(old_account, new_account, tmp_path):
+    job = imap_job("alice", old_account, new_account)
+    job["destination"] = new_account.endpoint_toml("imap", security="none",
+                                                   allow_insecure=True)
+    path = write_config(tmp_path / "c.toml", [job])
+    j = job_of(report(path))
+    assert j["planned"], j["error"]
+    assert any(w.startswith(f"{new_account.username} at 127.0.0.1:") and
+               "without encryption" in w for w in j["warnings"]), j["warnings"]
+    assert not any("without encryption" in w and old_account.username in w
+                   for w in j["warnings"])
