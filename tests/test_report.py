@@ -510,3 +510,37 @@ def test_plaintext_endpoint_is_a_warning(old_account, new_account, tmp_path):
                "without encryption" in w for w in j["warnings"]), j["warnings"]
     assert not any("without encryption" in w and old_account.username in w
                    for w in j["warnings"])
+
+
+def test_appendlimit_and_quoted_header_fields(tmp_path):
+    """The destination announces APPENDLIMIT (Dovecot does not; the fake does, as other
+    servers do); the source quotes the header field name in its FETCH answers (Courier).
+    Only EXAMINE and read commands reach either server."""
+    from tests.rig.fakeimap import DEFAULT_CAPABILITIES, FakeImapServer
+
+    rng = __import__("random").Random(95)
+    bodies = [mailgen.make_message(rng, i, size=size)[0]
+              for i, size in enumerate((1_000, 2_000, 9_000, 30_000))]
+    with FakeImapServer() as source, FakeImapServer(
+            capabilities=(*DEFAULT_CAPABILITIES, "APPENDLIMIT=8000")) as destination:
+        source.quote_header_field_names = True
+        for body in bodies:
+            source.add_message("INBOX", body, ["\\Seen"])
+        destination.add_message("INBOX", bodies[0])  # already there (same Message-ID)
+        path = write_config(tmp_path / "c.toml", [{
+            "name": "fake", "kind": "imap-copy", "source": source.job_endpoint(),
+            "destination": destination.job_endpoint()}])
+        j = job_of(report(path), "fake")
+        assert j["planned"], j["error"]
+        (inbox,) = j["folders"]
+        assert (inbox["source_messages"], inbox["already_there"], inbox["to_copy"]) == (4, 1, 3)
+        refused = sorted((r["id"], r["size"]) for r in j["destination_refuses"])
+        assert refused == [("UID 3", len(bodies[2])), ("UID 4", len(bodies[3]))]
+        assert all("APPENDLIMIT of 8000 bytes" in r["reason"] for r in j["destination_refuses"])
+        for server in (source, destination):
+            commands = {line.upper().removeprefix("UID ").split()[0]
+                        for _sid, line in server.log}
+            assert not commands & {"SELECT", "APPEND", "STORE", "EXPUNGE", "CREATE",
+                                   "DELETE", "RENAME", "SUBSCRIBE"}, commands
+            assert "FETCH" in commands
+        assert source.received("EXAMINE") and destination.received("EXAMINE")
