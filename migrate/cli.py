@@ -397,9 +397,10 @@ def _plan_report(args, fmt: str, output: str | None, dry_run: bool) -> int:
     for job in document["jobs"]:
         if job["error"]:
             print(f"mailmigrate: error: {job['name']}: {job['error']}", file=sys.stderr)
-    if any(j["refused"] for j in document["jobs"]) and (
-            dry_run or any(j["error"] == j["refused"] for j in document["jobs"])):
-        return EXIT_REFUSED  # a run would be refused (binding, a bad accounts row)
+    bad_rows = any(j["refused"] and j["source"] is None for j in document["jobs"])
+    if bad_rows or (dry_run and any(j["refused"] for j in document["jobs"])):
+        # a refused accounts row is a config error; a run would be refused (binding)
+        return EXIT_REFUSED
     if any(not j["planned"] for j in document["jobs"]):
         return EXIT_FAILED
     return EXIT_OK

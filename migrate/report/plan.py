@@ -18,6 +18,7 @@ import fnmatch
 import heapq
 import logging
 import os
+import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -99,7 +100,7 @@ class _JobPlan:
             "name": job.name, "kind": job.kind, "planned": False, "error": None,
             "refused": None, "source": None, "destination": None, "deletion": None,
             "totals": None, "folders": [], "excluded": [], "largest": [],
-            "destination_refuses": [], "quota": None, "problems": [], "estimate": None,
+            "destination_refuses": [], "quota": None, "estimate": None,
             "warnings": []}
         self._largest: list[tuple[int, str, str]] = []  # a heap: (size, folder, id)
         self.sample: list[tuple[str, int, int]] = []  # (folder, uid or number, size)
@@ -214,8 +215,6 @@ def _check_certificate(plan: _JobPlan, endpoint, sock) -> None:
         cert = None
     if not cert or "notAfter" not in cert:
         return
-    import ssl
-
     expires = dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(cert["notAfter"]),
                                         dt.timezone.utc)
     left = expires - dt.datetime.now(dt.timezone.utc)
