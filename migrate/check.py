@@ -33,6 +33,7 @@ from .endpoints.sasl import login_who
 from .endpoints.tls import StartTlsRefused, describe_tls_failure, ssl_context, tls_connect
 from .errors import FolderError, MailboxError, MigrateError, SafetyError
 from .folders import plan_folders
+from .results import size_text
 from .states import State
 from .store import Store, sqlite_file
 
@@ -430,7 +431,7 @@ def _imap_capabilities(rep: EndpointReport, session: ImapSession, role: str,
              "advance", severity=WARNING)
     limit = appendlimit(session)
     _offered(rep, limit is not None, "APPENDLIMIT",
-             f"the largest message the destination accepts: {_size(limit or 0)}",
+             f"the largest message the destination accepts: {size_text(limit or 0)}",
              "no APPENDLIMIT announced: a size limit, if any, shows only when a message "
              "is refused")
 
@@ -480,7 +481,7 @@ def _pop3_capabilities(rep: EndpointReport, session: Pop3Session) -> None:
              "not offered: this port stays plaintext", severity=WARNING)
     try:
         count, size = client.stat()
-        rep.add("mailbox", True, f"{count} messages, {_size(size)} on the server")
+        rep.add("mailbox", True, f"{count} messages, {size_text(size)} on the server")
     except poplib.error_proto as exc:
         rep.add("mailbox", False, f"STAT refused: {exc}", severity=WARNING)
 
@@ -558,7 +559,7 @@ def _space(source_rep: EndpointReport, dest_rep: EndpointReport, src: ImapSessio
     need = sum(m.size for _f, m in to_copy)
     source_rep.add("to copy", True,
                    f"{len(plans)} folders, {total} messages; {done} already copied (state "
-                   f"database); at most {len(to_copy)} messages, {_size(need)} still to copy")
+                   f"database); at most {len(to_copy)} messages, {size_text(need)} still to copy")
     limit = appendlimit(dst)
     if limit is not None:
         too_big = [(f, m) for f, m in to_copy if m.size > limit]
@@ -566,13 +567,13 @@ def _space(source_rep: EndpointReport, dest_rep: EndpointReport, src: ImapSessio
             folder, largest = max(too_big, key=lambda fm: fm[1].size)
             dest_rep.add("message size", False,
                          f"{len(too_big)} messages are larger than the destination's "
-                         f"APPENDLIMIT of {_size(limit)} and will be refused; the largest: "
-                         f"{_size(largest.size)} (UID {largest.uid} in {folder!r})",
+                         f"APPENDLIMIT of {size_text(limit)} and will be refused; the largest: "
+                         f"{size_text(largest.size)} (UID {largest.uid} in {folder!r})",
                          hint="ask for a higher limit at the destination, or exclude or "
                               "move those messages before the run")
         else:
             dest_rep.add("message size", True,
-                         f"every message to copy fits the APPENDLIMIT of {_size(limit)}")
+                         f"every message to copy fits the APPENDLIMIT of {size_text(limit)}")
     if dst.has("QUOTA"):
         _quota(dest_rep, dst, len(to_copy), need)
 
@@ -591,11 +592,11 @@ def _quota(rep: EndpointReport, dst: ImapSession, count: int, need: int) -> None
     problems, facts = [], []
     if storage is not None:
         free = max(0, (storage.limit - storage.usage) * 1024)  # RFC 2087: units of 1024
-        facts.append(f"{_size(free)} free of {_size(storage.limit * 1024)}")
+        facts.append(f"{size_text(free)} free of {size_text(storage.limit * 1024)}")
         if need > free:
-            problems.append(f"{_size(need)} to copy but only {_size(free)} free "
-                            f"({_size(storage.usage * 1024)} used of "
-                            f"{_size(storage.limit * 1024)})")
+            problems.append(f"{size_text(need)} to copy but only {size_text(free)} free "
+                            f"({size_text(storage.usage * 1024)} used of "
+                            f"{size_text(storage.limit * 1024)})")
     if messages is not None:
         left = max(0, messages.limit - messages.usage)
         facts.append(f"room for {left} more messages")
@@ -628,7 +629,7 @@ def _archive(rep: EndpointReport, pop: Pop3Session | None, job: Job,
             f"{path} does not exist yet; the first run creates it in {existing} (writable)")
     free = shutil.disk_usage(existing).free
     if pop is None:
-        rep.add("free space", True, f"{_size(free)} free", severity=INFO)
+        rep.add("free space", True, f"{size_text(free)} free", severity=INFO)
         return
     try:
         _count, on_server = pop.client.stat()
@@ -641,23 +642,14 @@ def _archive(rep: EndpointReport, pop: Pop3Session | None, job: Job,
         archived = sum(totals.get(str(s), (0, 0))[1] for s in DONE_STATES)
     need = max(0, on_server - archived)
     if need > free:
-        rep.add("free space", False, f"{_size(need)} to archive but only {_size(free)} free "
+        rep.add("free space", False, f"{size_text(need)} to archive but only {size_text(free)} free "
                 f"on the archive's file system", hint="free space or archive elsewhere")
     else:
-        rep.add("free space", True, f"{_size(free)} free; at most {_size(need)} to archive")
+        rep.add("free space", True, f"{size_text(free)} free; at most {size_text(need)} to archive")
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} bytes"
 
 
 # --- output ------------------------------------------------------------------------

@@ -425,7 +425,7 @@ def test_destination_over_quota(old_account, new_host, tmp_path):
     assert proc.returncode == 1
     quota = checks_of(doc, "destination")["quota"]
     assert not quota["ok"] and quota["detail"].startswith("destination over quota: ")
-    assert "free (0 bytes used of 20.0 KB)" in quota["detail"]
+    assert "free (0 KB used of 20 KB)" in quota["detail"]
     assert "raise the mailbox's quota" in quota["hint"]
 
 
@@ -445,12 +445,12 @@ def test_messages_above_appendlimit(old_account, tmp_path):
         fake.close()
     assert proc.returncode == 1
     dest = checks_of(doc, "destination")
-    assert dest["APPENDLIMIT"]["ok"] and "7.8 KB" in dest["APPENDLIMIT"]["detail"]
+    assert dest["APPENDLIMIT"]["ok"] and "8 KB" in dest["APPENDLIMIT"]["detail"]
     size = dest["message size"]
     assert not size["ok"]
     assert size["detail"].startswith("2 messages are larger than the destination's "
                                      "APPENDLIMIT")
-    assert "the largest: 19." in size["detail"] and "in 'INBOX'" in size["detail"]
+    assert "the largest: 20 KB" in size["detail"] and "in 'INBOX'" in size["detail"]
     assert not [line for _sid, line in fake.log
                 if line.split()[0].upper() in ("APPEND", "CREATE", "STORE", "EXPUNGE")]
 

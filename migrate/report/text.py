@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from ..results import plural
-
-
-def size_text(n: int) -> str:
-    """Bytes for people (decimal units, as mail clients and the run summary count)."""
-    if n < 1_000_000:
-        return f"{n / 1e3:.0f} KB" if n >= 1000 or n == 0 else "1 KB"
-    if n < 1_000_000_000:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e9:.2f} GB"
+from ..results import plural, size_text
 
 
 def duration(seconds: float | None) -> str:
