@@ -117,7 +117,7 @@ def test_check_pop3_archive_is_read_only(old_account, tmp_path):
     archive_checks = checks_of(doc, "archive")
     assert archive_checks["archive path"]["ok"]
     assert "exists and is writable" in archive_checks["archive path"]["detail"]
-    assert "at most 0 bytes to archive" in archive_checks["free space"]["detail"]
+    assert "at most 0 KB to archive" in archive_checks["free space"]["detail"]
 
 
 def test_check_creates_no_state_database(old_account, new_account, tmp_path):
