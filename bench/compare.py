@@ -11,11 +11,11 @@ round-robin repetitions (default 3, the starting tool rotates) of
 - imap-copy (faithful: flags incl. keywords, dates; every copy read back and compared)
   against mbsync (isync), each into a fresh, empty destination account;
 - pop3-archive (fsync'd Maildir, every file re-read and compared) against fetchmail
-  (--all --keep, so the POP3 data is reused).  fetchmail's delivery is ``bsmtp`` by
-  default: all messages appended to one file, no process per message and no fsync -
-  fetchmail's cheapest path, so our ratio to it is a lower bound.  ``--fetchmail-delivery
-  maildir`` delivers like procmail/maildrop would: an MDA per message writing tmp/,
-  fsync (coreutils sync FILE), rename into new/.
+  (fetchall + keep, so the POP3 data is reused), twice: ``fetchmail`` delivers into a
+  durable Maildir like ours, the way procmail/maildrop would (an MDA per message: write
+  tmp/, fsync with coreutils ``sync FILE``, rename into new/); ``fetchmail-bsmtp``
+  appends every message to one file, no process per message, no fsync - fetchmail's
+  cheapest path, which does not give what we give (a Maildir that survives a crash).
 
 Each tool runs as a child of /usr/bin/time: wall time, user+sys CPU of the tool and its
 children, peak RSS (max resident set of the tool or any child).  The table shows medians
@@ -52,6 +52,12 @@ from tests.rig.jobs import imap_job, write_config  # noqa: E402
 
 TIME = "/usr/bin/time"
 PACKAGES = {"mbsync": "isync", "fetchmail": "fetchmail", TIME: "time"}
+TOOLS = ("imap-copy", "mbsync", "pop3-archive", "fetchmail", "fetchmail-bsmtp")
+FETCHMAIL_DELIVERY = {
+    "fetchmail": "mda per message (sh: cat > tmp/, sync FILE, mv to new/): a durable "
+                 "Maildir like ours, delivered the way procmail/maildrop would",
+    "fetchmail-bsmtp": "bsmtp: every message appended to one file, no process per message, "
+                       "no fsync (fetchmail's cheapest path; not a Maildir)"}
 FLAG_MIX = ((2, "\\Seen"), (5, "\\Flagged"), (7, "\\Answered"), (3, "$Label1"),
             (11, "project-x"), (13, "$Forwarded"))
 
@@ -163,10 +169,16 @@ class Bench:
                                "messages", "*")
         return sum(int(x) for x in out.split()[1:] if x.isdigit())
 
-    def ours(self, config: Path, *extra: str) -> dict:
-        return timed([sys.executable, "-m", "migrate", "run", "-c", str(config),
-                      "--no-progress", *extra], self.work, env={**os.environ,
-                                                                "PYTHONPATH": str(ROOT)})
+    def ours(self, config: Path, *extra: str, name: str = "ours") -> dict:
+        cmd = [sys.executable, "-m", "migrate", "run", "-c", str(config), "--no-progress",
+               *extra]
+        if self.args.profile:  # py-spy, idle samples too: waiting for a server shows
+            self.args.profile.mkdir(parents=True, exist_ok=True)
+            out = self.args.profile / f"{name}-{self.counter:03d}.txt"
+            cmd = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                   "record", "--idle", "--format", "raw", "--rate", "200", "-o", str(out),
+                   "--", *cmd]
+        return timed(cmd, self.work, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
     def imap_copy(self, src, expect: int, workers: int = 1, accounts=None) -> dict:
         d = self.fresh_dir("imap-copy")
@@ -175,7 +187,7 @@ class Bench:
         if accounts is not None:
             job = self._with_accounts(job, d, accounts(dst))
         path = write_config(d / "config.toml", [job])
-        r = self.ours(path, "--workers", str(workers))
+        r = self.ours(path, "--workers", str(workers), name="imap-copy")
         if accounts is None:
             r["delivered"] = self.destination_count(dst)
             self.drop_destination(dst)
@@ -199,7 +211,7 @@ class Bench:
         d = self.fresh_dir("pop3-archive")
         job = {"name": "bench", "kind": "pop3-archive", "source": src.endpoint_toml("pop3"),
                "archive": {"path": str(d / "archive")}}
-        r = self.ours(write_config(d / "config.toml", [job]))
+        r = self.ours(write_config(d / "config.toml", [job]), name="pop3-archive")
         r["delivered"] = len(os.listdir(d / "archive" / "new"))
         shutil.rmtree(d / "archive")
         self._check(r, "pop3-archive", expect)
@@ -238,9 +250,9 @@ SyncState {d / 'state'}/
         self._check(r, "mbsync", expect)
         return r
 
-    def fetchmail(self, src, expect: int) -> dict:
+    def fetchmail(self, src, expect: int, delivery: str = "maildir") -> dict:
         d = self.fresh_dir("fetchmail")
-        if self.args.fetchmail_delivery == "bsmtp":
+        if delivery == "bsmtp":
             delivery = f'bsmtp "{d / "out.bsmtp"}"'
         else:
             for sub in ("tmp", "new", "cur"):
@@ -262,7 +274,7 @@ SyncState {d / 'state'}/
             r["rc"] = -1
         if r["rc"] != 0:
             self._check(r, "fetchmail", expect)
-        if self.args.fetchmail_delivery == "bsmtp":
+        if delivery == "bsmtp":
             text = (d / "out.bsmtp").read_bytes()
             r["delivered"] = text.count(b"\r\nDATA\r\n") + text.startswith(b"DATA\r\n") \
                 if b"\r\nDATA\r\n" in text else text.count(b"\nDATA\n")
@@ -315,7 +327,8 @@ def mode_compare(b: Bench, args) -> dict:
     tools = {"imap-copy": lambda: b.imap_copy(src, args.messages),
              "mbsync": lambda: b.mbsync(src, args.messages),
              "pop3-archive": lambda: b.pop3_archive(pop, args.messages),
-             "fetchmail": lambda: b.fetchmail(pop, args.messages)}
+             "fetchmail": lambda: b.fetchmail(pop, args.messages),
+             "fetchmail-bsmtp": lambda: b.fetchmail(pop, args.messages, "bsmtp")}
     tools = {k: v for k, v in tools.items() if k in args.tools}
     runs: dict[str, list] = {k: [] for k in tools}
     names = list(tools)
@@ -329,10 +342,11 @@ def mode_compare(b: Bench, args) -> dict:
     results = {k: summarise(v, args.messages, nbytes) for k, v in runs.items()}
     ratios = print_table(f"{args.messages} messages, {nbytes / 1e6:.1f} MB, {len(folders)} "
                          f"folders; median of {args.reps}", results,
-                         [("imap-copy", "mbsync"), ("pop3-archive", "fetchmail")])
+                         [("imap-copy", "mbsync"), ("pop3-archive", "fetchmail"),
+                          ("pop3-archive", "fetchmail-bsmtp")])
     return {"data": {"messages": args.messages, "bytes": nbytes, "folders": len(folders),
                      "flags": [f for _, f in FLAG_MIX]},
-            "fetchmail_delivery": args.fetchmail_delivery, "results": results,
+            "fetchmail_delivery": FETCHMAIL_DELIVERY, "results": results,
             "ratios": ratios,
             "targets": {"imap-copy/mbsync": 1.5, "pop3-archive/fetchmail": 4.0}}
 
@@ -346,7 +360,8 @@ def mode_large(b: Bench, args) -> dict:
     tools = {"imap-copy": lambda: b.imap_copy(src, 1),
              "pop3-archive": lambda: b.pop3_archive(src, 1),
              "mbsync": lambda: b.mbsync(src, 1),
-             "fetchmail": lambda: b.fetchmail(src, 1)}
+             "fetchmail": lambda: b.fetchmail(src, 1),
+             "fetchmail-bsmtp": lambda: b.fetchmail(src, 1, "bsmtp")}
     tools = {k: v for k, v in tools.items() if k in args.tools}
     runs = {k: [] for k in tools}
     for _ in range(args.reps):
@@ -406,15 +421,17 @@ def main() -> int:
     ap.add_argument("--large-mb", type=float, default=50)
     ap.add_argument("--mailboxes", type=int, default=100)
     ap.add_argument("--workers", type=int, nargs="+", default=[8])
-    ap.add_argument("--tools", nargs="+",
-                    default=["imap-copy", "mbsync", "pop3-archive", "fetchmail"])
-    ap.add_argument("--fetchmail-delivery", choices=("bsmtp", "maildir"), default="bsmtp")
+    ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="run our jobs under py-spy (raw folded stacks into DIR); the "
+                         "timings are then not comparable")
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = ap.parse_args()
     mailboxes = args.mode == "mailboxes"
     args.messages = args.messages or (200 if mailboxes else 2000)
     args.mb = args.mb or (11.7 if mailboxes else 117)
-    ensure_tools([t for t in ("mbsync", "fetchmail") if t in args.tools] + [TIME])
+    ensure_tools([t.split("-")[0] for t in args.tools if t.startswith(("mbsync", "fetchmail"))]
+                 + [TIME])
 
     ca = trustme.CA()
     old = DovecotServer("cmp-old", ".", ca, inbox_prefix=True)

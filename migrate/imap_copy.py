@@ -454,10 +454,32 @@ class ImapCopy(JobRunner):
         suspects = [r for r in small if r.source_uid in fr.suspects]
         batches = [[r] for r in suspects] + list(self.batches(
             [r for r in small if r.source_uid not in fr.suspects], self.options.batch_bytes))
-        for batch in batches:
-            self._stop_point()
-            self._copy_in_memory(ctx, batch)
-            progress.advance(len(batch))
+        self._copy_batches(ctx, batches, progress)
+
+    def _copy_batches(self, ctx: _FolderCopy, batches: list[list[MessageRow]],
+                      progress: Progress) -> None:
+        """The batches in order, the source one batch ahead: while a batch is appended
+        and read back at the destination, the next one is fetched (and hashed) from the
+        source on the same pair's source connection, idle otherwise.  The slower server
+        sets the pace instead of the sum of both; memory holds two batches."""
+        if not batches:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix=f"mm-{self.job.name}-ahead") as ahead:
+            upcoming = ahead.submit(self._fetch_hashed, ctx, batches[0])
+            for i, batch in enumerate(batches):
+                self._stop_point()
+                fetched = upcoming.result()  # ConnectionLost of that FETCH raises here
+                upcoming = (ahead.submit(self._fetch_hashed, ctx, batches[i + 1])
+                            if i + 1 < len(batches) and not self.stopping() else None)
+                self._copy_in_memory(ctx, batch, fetched)
+                progress.advance(len(batch))
+
+    def _fetch_hashed(self, ctx: _FolderCopy, batch: list[MessageRow]
+                      ) -> tuple[dict[int, bytes], dict[int, str]]:
+        """The batch's bodies and their sha256 by source UID (hashing releases the GIL,
+        so it overlaps the destination's work too)."""
+        bodies = self._fetch(ctx, batch)
+        return bodies, {u: hashlib.sha256(b).hexdigest() for u, b in bodies.items()}
 
     def _stop_point(self) -> None:
         """Between batches: stop here when the run is being stopped (signal, error cap)."""
@@ -477,16 +499,21 @@ class ImapCopy(JobRunner):
             ctx.fr.suspects.update(uids)
             raise
 
-    def _copy_in_memory(self, ctx: _FolderCopy, batch: list[MessageRow]) -> None:
-        """One size-bounded batch: one FETCH, one MULTIAPPEND, one read-back FETCH."""
-        bodies = self._fetch(ctx, batch)
+    def _copy_in_memory(self, ctx: _FolderCopy, batch: list[MessageRow],
+                        fetched: tuple[dict[int, bytes], dict[int, str]] | None = None
+                        ) -> None:
+        """One size-bounded batch: one FETCH (or ``fetched``: its bodies and sha256 by
+        UID, from _fetch_hashed), one MULTIAPPEND, one read-back FETCH."""
+        bodies, by_uid_digest = fetched if fetched is not None else (self._fetch(ctx, batch),
+                                                                     {})
         missing = [r for r in batch if r.source_uid not in bodies]
         if missing:
             self._fail(ctx.fr, [(r, "the source did not send the message: " + ctx.src.
                                  fetch_refused.get(r.source_uid, "no content in its answer "
                                                    "(expunged meanwhile?)")) for r in missing])
         batch = [r for r in batch if r.source_uid in bodies]
-        digests = {r.id: hashlib.sha256(bodies[r.source_uid]).hexdigest() for r in batch}
+        digests = {r.id: by_uid_digest.get(r.source_uid)
+                   or hashlib.sha256(bodies[r.source_uid]).hexdigest() for r in batch}
 
         duplicates = self._find_duplicates(ctx, batch, bodies, digests)
         to_append = [r for r in batch if r.id not in duplicates]

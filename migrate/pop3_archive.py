@@ -1,8 +1,10 @@
 """pop3-archive: every message of a POP3 mailbox into a local Maildir, verified.
 
 A run: CAPA (UIDL required, UTF8 switched on when offered) → UIDL + LIST → reconcile
-with the state database → for each new message: ``appending`` intent → RETR streamed
-into tmp/ → fsync → link into new/ → re-read and compare sha256 + size → ``verified`` →
+with the state database → per batch of new messages: ``appending`` intents → RETR
+(pipelined where offered) streamed into tmp/ → one durability barrier for the batch
+(every file fsynced at once) → link into new/ → fsync new/ → re-read and compare sha256
++ size → ``verified`` →
 then, if configured, DELE the messages that are due and QUIT; ``deleted`` is recorded
 only after QUIT succeeded.  File names come from a hash of job + UIDL + content, so a
 message written again (after a crash, with a lost state database) is recognised instead
@@ -20,7 +22,7 @@ import logging
 
 from . import deletion, faults
 from .config import Job
-from .endpoints.maildir import ArchiveWriteError, MaildirArchive, Written
+from .endpoints.maildir import ArchiveWriteError, MaildirArchive, MessageWriter
 from .endpoints.pop3 import Pop3Message, Pop3Session
 from .limits import SlotWaitStopped
 from .results import JobResult
@@ -171,14 +173,14 @@ class Pop3Archive(JobRunner):
 
     def _archive_batch(self, session: Pop3Session, by_key: dict[str, Pop3Message],
                        rows: list[MessageRow], progress: Progress) -> None:
-        """One transaction for the intents, one for the outcomes: per message only the
-        RETR, the file and its fsync."""
+        """One transaction for the intents, one for the outcomes, one durability barrier:
+        per message only the RETR and the file."""
         self.store.transition(State.APPENDING, [
             {"id": r.id} for r in rows if r.state != State.APPENDING])
         for r in rows:
             r.state = State.APPENDING
         faults.checkpoint("after-intent")
-        stored: list[tuple[MessageRow, Written]] = []
+        stored: list[tuple[MessageRow, MessageWriter]] = []
         failed: list[dict] = []
         by_number = {by_key[r.source_key].number: r for r in rows}
         writers: dict[int, object] = {}
@@ -197,8 +199,8 @@ class Pop3Archive(JobRunner):
                 row = by_number[number]
                 msg = by_key[row.source_key]
                 try:
-                    written = self._store_file(writers.pop(number, None), msg, outcome)
-                    stored.append((row, written))
+                    finished = self._store_file(writers.pop(number, None), msg, outcome)
+                    stored.append((row, finished))
                     faults.checkpoint("message-written")
                 except MessageError as exc:  # this message only; the session is in step
                     failed.append({"id": row.id, "last_error": str(exc)})
@@ -216,12 +218,28 @@ class Pop3Archive(JobRunner):
             self._dropped_during(by_number.get(getattr(lost, "message_number", None)))
             raise lost
 
-    def _settle(self, stored: list[tuple[MessageRow, Written]], failed: list[dict]) -> None:
-        """Make the batch's files durable, re-read them and record the outcomes."""
-        self.archive.sync()
+    def _settle(self, stored: list[tuple[MessageRow, MessageWriter]], failed: list[dict]
+                ) -> None:
+        """Make the batch's files durable (all fsynced at once), link them into new/,
+        make the links durable, re-read them and record the outcomes."""
+        broken = dict((id(w), exc) for w, exc in
+                      self.archive.make_durable([w for _, w in stored]))
+        faults.checkpoint("files-synced")
+        placed = []
+        for row, writer in stored:
+            try:
+                if id(writer) in broken:
+                    raise broken[id(writer)]
+                placed.append((row, writer.place()))
+            except MessageError as exc:
+                failed.append({"id": row.id, "last_error": str(exc)})
+                self.failed_keys.add(row.source_key)
+                self.error(f"message {row.source_key}: {exc}; it stays on the server")
+        if placed:
+            self.archive.sync()
         faults.checkpoint("archive-written")
         verified = []
-        for row, written in stored:
+        for row, written in placed:
             try:
                 self.archive.verify(written.relpath, written.size, written.sha256)
                 verified.append((row, written))
@@ -270,9 +288,10 @@ class Pop3Archive(JobRunner):
         self.error(f"message {row.source_key} ({row.size} bytes): {reason}")
 
     @staticmethod
-    def _store_file(writer, msg: Pop3Message, outcome) -> Written:
-        """Finish one retrieved message: check its size, then commit its file.  Nothing
-        that did not match reaches new/."""
+    def _store_file(writer, msg: Pop3Message, outcome) -> MessageWriter:
+        """Finish one retrieved message: check its size, then finish its file in tmp/
+        (made durable and placed in new/ with its batch).  Nothing that did not match
+        reaches new/."""
         if isinstance(outcome, BaseException):
             if writer is not None:
                 writer.abort()
@@ -295,7 +314,8 @@ class Pop3Archive(JobRunner):
                 raise ArchiveWriteError(
                     f"server announced {msg.size} bytes (LIST) but sent {writer.size}; the "
                     "download is incomplete or the server miscounts; not verified")
-        return writer.commit(sync_dir=False, drop_final_crlf=drop_crlf)
+        writer.finish(drop_final_crlf=drop_crlf)
+        return writer
 
     # --- deletion ----------------------------------------------------------------
 

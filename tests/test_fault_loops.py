@@ -40,7 +40,8 @@ CUT_ITERATIONS = 20
 # and one deletion chunk (pop3-archive; "n" stands for the message count).
 IMAP_POINTS = {"after-intent": 6, "after-append": 6, "before-delete": 6, "after-delete": 6,
                "before-expunge": 6, "after-expunge": 6}
-POP3_POINTS = {"after-intent": "n/5", "message-written": "n", "archive-written": "n/5",
+POP3_POINTS = {"after-intent": "n/5", "message-written": "n", "files-synced": "n/5",
+               "archive-written": "n/5",
                "before-delete": 1, "after-delete": 1, "before-quit": 1}
 
 # old host name → new host name ('.' + "INBOX." → '/', special-use \Sent → Sent)

@@ -184,7 +184,7 @@ def test_leave_on_server_days(filled, old_account, tmp_path):
 
 
 @pytest.mark.parametrize("point", ["after-intent:1", "message-written:5",
-                                   "archive-written:1"])
+                                   "files-synced:1", "archive-written:1"])
 def test_kill_9_mid_pull_then_rerun_archives_each_once(point, filled, old_account,
                                                        tmp_path):
     reference = server_bodies(old_account)
