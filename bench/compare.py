@@ -169,7 +169,7 @@ class Bench:
                                "messages", "*")
         return sum(int(x) for x in out.split()[1:] if x.isdigit())
 
-    def ours(self, config: Path, *extra: str, name: str = "ours") -> dict:
+    def ours(self, config: Path, *extra: str, name: str = "ours", root: Path = ROOT) -> dict:
         cmd = [sys.executable, "-m", "migrate", "run", "-c", str(config), "--no-progress",
                *extra]
         if self.args.profile:  # py-spy, idle samples too: waiting for a server shows
@@ -178,16 +178,17 @@ class Bench:
             cmd = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
                    "record", "--idle", "--format", "raw", "--rate", "200", "-o", str(out),
                    "--", *cmd]
-        return timed(cmd, self.work, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return timed(cmd, self.work, env={**os.environ, "PYTHONPATH": str(root)})
 
-    def imap_copy(self, src, expect: int, workers: int = 1, accounts=None) -> dict:
+    def imap_copy(self, src, expect: int, workers: int = 1, accounts=None,
+                  root: Path = ROOT) -> dict:
         d = self.fresh_dir("imap-copy")
         dst = self.fresh_destination("ours")
         job = imap_job("bench", src, dst)
         if accounts is not None:
             job = self._with_accounts(job, d, accounts(dst))
         path = write_config(d / "config.toml", [job])
-        r = self.ours(path, "--workers", str(workers), name="imap-copy")
+        r = self.ours(path, "--workers", str(workers), name="imap-copy", root=root)
         if accounts is None:
             r["delivered"] = self.destination_count(dst)
             self.drop_destination(dst)
@@ -207,11 +208,12 @@ class Bench:
             job[side].pop("password")
         return job
 
-    def pop3_archive(self, src, expect: int) -> dict:
+    def pop3_archive(self, src, expect: int, root: Path = ROOT) -> dict:
         d = self.fresh_dir("pop3-archive")
         job = {"name": "bench", "kind": "pop3-archive", "source": src.endpoint_toml("pop3"),
                "archive": {"path": str(d / "archive")}}
-        r = self.ours(write_config(d / "config.toml", [job]), name="pop3-archive")
+        r = self.ours(write_config(d / "config.toml", [job]), name="pop3-archive",
+                      root=root)
         r["delivered"] = len(os.listdir(d / "archive" / "new"))
         shutil.rmtree(d / "archive")
         self._check(r, "pop3-archive", expect)
@@ -253,20 +255,20 @@ SyncState {d / 'state'}/
     def fetchmail(self, src, expect: int, delivery: str = "maildir") -> dict:
         d = self.fresh_dir("fetchmail")
         if delivery == "bsmtp":
-            delivery = f'bsmtp "{d / "out.bsmtp"}"'
+            how = f'bsmtp "{d / "out.bsmtp"}"'
         else:
             for sub in ("tmp", "new", "cur"):
                 (d / "Maildir" / sub).mkdir(parents=True)
             m = d / "Maildir"
             # procmail/maildrop-like: tmp/, fsync, rename into new/ ($$: unique per message)
-            delivery = (f"mda \"/bin/sh -c 'f={m}/tmp/$$; cat > $f && sync $f && "
-                        f"mv $f {m}/new/'\"")
+            how = (f"mda \"/bin/sh -c 'f={m}/tmp/$$; cat > $f && sync $f && "
+                   f"mv $f {m}/new/'\"")
         rc = d / "fetchmailrc"
         rc.write_text(
             f'poll localhost service {src.server.ports["pop3s"]} protocol pop3 no envelope\n'
             f'  user "{src.username}" there with password "{src.password}" is "bench" here\n'
             f'  options ssl sslcertck sslcertfile "{src.server.ca_file}" keep fetchall '
-            f'{delivery}\n')
+            f'{how}\n')
         os.chmod(rc, 0o600)
         env = {**os.environ, "FETCHMAILHOME": str(d), "HOME": str(d)}
         r = timed(["fetchmail", "--nosyslog", "--nodetach", "-f", str(rc)], self.work, env)
@@ -295,11 +297,11 @@ SyncState {d / 'state'}/
 
 def print_table(title: str, results: dict, pairs: list[tuple[str, str]]) -> dict:
     print(f"\n{title}")
-    print(f"{'tool':<14}{'wall s':>8}{'msgs/s':>9}{'MB/s':>8}{'CPU s':>8}{'RSS MB':>8}"
+    print(f"{'tool':<18}{'wall s':>8}{'msgs/s':>9}{'MB/s':>8}{'CPU s':>8}{'RSS MB':>8}"
           f"  runs (wall s)")
     for tool, s in results.items():
         walls = " ".join(f"{r['wall_s']:.2f}" for r in s["runs"])
-        print(f"{tool:<14}{s['median_wall_s']:>8.2f}{s['msgs_per_s']:>9.0f}"
+        print(f"{tool:<18}{s['median_wall_s']:>8.2f}{s['msgs_per_s']:>9.0f}"
               f"{s['mb_per_s']:>8.1f}{s['median_cpu_s']:>8.2f}{s['peak_rss_mb']:>8.0f}  "
               f"{walls}")
     ratios = {}
@@ -330,6 +332,10 @@ def mode_compare(b: Bench, args) -> dict:
              "fetchmail": lambda: b.fetchmail(pop, args.messages),
              "fetchmail-bsmtp": lambda: b.fetchmail(pop, args.messages, "bsmtp")}
     tools = {k: v for k, v in tools.items() if k in args.tools}
+    if args.baseline:  # another checkout of mailmigrate, e.g. main, in the same rounds
+        tools["imap-copy@base"] = lambda: b.imap_copy(src, args.messages, root=args.baseline)
+        tools["pop3-archive@base"] = lambda: b.pop3_archive(pop, args.messages,
+                                                            root=args.baseline)
     runs: dict[str, list] = {k: [] for k in tools}
     names = list(tools)
     for rep in range(args.reps):
@@ -343,7 +349,10 @@ def mode_compare(b: Bench, args) -> dict:
     ratios = print_table(f"{args.messages} messages, {nbytes / 1e6:.1f} MB, {len(folders)} "
                          f"folders; median of {args.reps}", results,
                          [("imap-copy", "mbsync"), ("pop3-archive", "fetchmail"),
-                          ("pop3-archive", "fetchmail-bsmtp")])
+                          ("pop3-archive", "fetchmail-bsmtp"), ("imap-copy@base", "mbsync"),
+                          ("pop3-archive@base", "fetchmail"),
+                          ("imap-copy", "imap-copy@base"),
+                          ("pop3-archive", "pop3-archive@base")])
     return {"data": {"messages": args.messages, "bytes": nbytes, "folders": len(folders),
                      "flags": [f for _, f in FLAG_MIX]},
             "fetchmail_delivery": FETCHMAIL_DELIVERY, "results": results,
@@ -422,6 +431,10 @@ def main() -> int:
     ap.add_argument("--mailboxes", type=int, default=100)
     ap.add_argument("--workers", type=int, nargs="+", default=[8])
     ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="also run imap-copy and pop3-archive from this checkout of "
+                         "mailmigrate (e.g. a git worktree of main) in the same rounds, "
+                         "as imap-copy@base and pop3-archive@base")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="run our jobs under py-spy (raw folded stacks into DIR); the "
                          "timings are then not comparable")

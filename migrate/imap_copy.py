@@ -671,7 +671,12 @@ class ImapCopy(JobRunner):
         items = [AppendItem(bodies[r.source_uid], self._to_send(ctx, ctx.by_uid[
             r.source_uid].flags), ctx.by_uid[r.source_uid].internaldate) for r in rows]
         uidnext_before = dsel.uidnext
+        sizes = {r.id: len(bodies[r.source_uid]) for r in rows}
         outcome = dst.append(ctx.fr.plan.destination, items)
+        # Sent: the bodies are not needed any more.  Dropping them before the read-back
+        # keeps memory at two batches per pair while the next batch is being fetched.
+        del items
+        bodies.clear()
         faults.checkpoint("after-append")
         pairs = list(zip(rows, outcome, strict=True))
         appended = {r.id: u for r, u in pairs if not isinstance(u, Exception)}
@@ -680,7 +685,7 @@ class ImapCopy(JobRunner):
         if unknown:  # no APPENDUID: find the new copies by size + sha256 (search)
             by_size: dict[int, set[str]] = defaultdict(set)
             for r in unknown:
-                by_size[len(bodies[r.source_uid])].add(digests[r.id])
+                by_size[sizes[r.id]].add(digests[r.id])
             found = dst.find_by_content(uidnext_before or 1, by_size)
             for r in unknown:
                 uids = [u for u in found.get(digests[r.id], []) if u not in ctx.claimed]
