@@ -333,9 +333,12 @@ def mode_compare(b: Bench, args) -> dict:
              "fetchmail-bsmtp": lambda: b.fetchmail(pop, args.messages, "bsmtp")}
     tools = {k: v for k, v in tools.items() if k in args.tools}
     if args.baseline:  # another checkout of mailmigrate, e.g. main, in the same rounds
-        tools["imap-copy@base"] = lambda: b.imap_copy(src, args.messages, root=args.baseline)
-        tools["pop3-archive@base"] = lambda: b.pop3_archive(pop, args.messages,
-                                                            root=args.baseline)
+        if "imap-copy" in tools:
+            tools["imap-copy@base"] = lambda: b.imap_copy(src, args.messages,
+                                                          root=args.baseline)
+        if "pop3-archive" in tools:
+            tools["pop3-archive@base"] = lambda: b.pop3_archive(pop, args.messages,
+                                                                root=args.baseline)
     runs: dict[str, list] = {k: [] for k in tools}
     names = list(tools)
     for rep in range(args.reps):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import deletion, faults
 from .config import Job
@@ -56,6 +57,9 @@ class Pop3Archive(JobRunner):
         # failed in this run (refused, mismatch, dropped the connection every time): a
         # reconnect within the run does not try them again, the next run does
         self.failed_keys: set[str] = set()
+        # the previous batch being made durable, verified and recorded while the next
+        # one is retrieved (see _archive_batch)
+        self._settling: Future | None = None
 
     def run(self) -> None:
         if not self.dry:
@@ -93,6 +97,7 @@ class Pop3Archive(JobRunner):
 
     def _pass(self, progress: Progress) -> None:
         session = Pop3Session.connect(self.job.source)
+        settler = ThreadPoolExecutor(1, thread_name_prefix=f"mm-{self.job.name}-settle")
         try:
             self.bind_source(session.server_aliases)
             if not self.dry:
@@ -115,18 +120,25 @@ class Pop3Archive(JobRunner):
             suspects = [r for r in pending if r.source_key in self.drops]
             # twice the IMAP batch: the bodies stream to disk, only a commit is per batch
             for batch in self.batches(normal, self.options.batch_bytes * 2):
-                self._archive_batch(session, by_key, batch, progress)
+                self._archive_batch(session, by_key, batch, progress, settler)
             for row in suspects:
                 if self.stopping():
                     break
-                self._archive_batch(session, by_key, [row], progress)
+                self._archive_batch(session, by_key, [row], progress, settler)
+            self._settled()
             if self.stopping():  # interrupted or halted: no deletion; QUIT deletes nothing
                 session.quit()
                 return
             self._delete(session, by_key)
         except BaseException:
             session.close()  # never QUIT on an error path: no half-done deletion commits
+            try:  # what was retrieved is still archived; the first error is the one raised
+                self._settled()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s: while stopping: %s", self.job.name, exc)
             raise
+        finally:
+            settler.shutdown()
 
     # --- listing vs. state ---------------------------------------------------------
 
@@ -172,9 +184,12 @@ class Pop3Archive(JobRunner):
     # --- archiving ---------------------------------------------------------------
 
     def _archive_batch(self, session: Pop3Session, by_key: dict[str, Pop3Message],
-                       rows: list[MessageRow], progress: Progress) -> None:
+                       rows: list[MessageRow], progress: Progress,
+                       settler: ThreadPoolExecutor) -> None:
         """One transaction for the intents, one for the outcomes, one durability barrier:
-        per message only the RETR and the file."""
+        per message only the RETR and the file.  The batch is settled (made durable,
+        verified, recorded) by ``settler`` while the next batch is retrieved: the server
+        never waits for our disk, and one batch at most is in between."""
         self.store.transition(State.APPENDING, [
             {"id": r.id} for r in rows if r.state != State.APPENDING])
         for r in rows:
@@ -213,10 +228,19 @@ class Pop3Archive(JobRunner):
         finally:
             for writer in writers.values():  # the connection dropped mid-message
                 writer.abort()
-        self._settle(stored, failed)
+        self._settled()  # the previous batch: one at a time, in order
         if lost is not None:
+            self._settle(stored, failed)
             self._dropped_during(by_number.get(getattr(lost, "message_number", None)))
             raise lost
+        self._settling = settler.submit(self._settle, stored, failed)
+
+    def _settled(self) -> None:
+        """Wait for the batch being settled; its error (a directory that cannot be
+        fsynced, the state database) is raised here."""
+        pending, self._settling = self._settling, None
+        if pending is not None:
+            pending.result()
 
     def _settle(self, stored: list[tuple[MessageRow, MessageWriter]], failed: list[dict]
                 ) -> None:
