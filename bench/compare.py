@@ -176,8 +176,8 @@ class Bench:
             self.args.profile.mkdir(parents=True, exist_ok=True)
             out = self.args.profile / f"{name}-{self.counter:03d}.txt"
             cmd = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
-                   "record", "--idle", "--format", "raw", "--rate", "200", "-o", str(out),
-                   "--", *cmd]
+                   "record", *([] if self.args.profile_cpu else ["--idle"]), "--format",
+                   "raw", "--rate", "200", "-o", str(out), "--", *cmd]
         return timed(cmd, self.work, env={**os.environ, "PYTHONPATH": str(root)})
 
     def imap_copy(self, src, expect: int, workers: int = 1, accounts=None,
@@ -441,6 +441,8 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="run our jobs under py-spy (raw folded stacks into DIR); the "
                          "timings are then not comparable")
+    ap.add_argument("--profile-cpu", action="store_true",
+                    help="with --profile: only samples on the CPU (no waiting)")
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = ap.parse_args()
     mailboxes = args.mode == "mailboxes"
