@@ -145,11 +145,11 @@ class SharedConnectionLimits(ConnectionLimits):
             # a session may take its own advisory lock again: skip what we hold
             mine = set(self._held.get(key, ())) | {s for k, s in taken if k == key}
             got = next((slot for slot in range(size) if slot not in mine
-                        and self._slots.try_take(_server_lock_key(key), slot)), None)
+                        and self._slots.try_take(server_lock_key(key), slot)), None)
             if got is None:
                 for k, s in taken:
                     if s >= 0:
-                        self._slots.release(_server_lock_key(k), s)
+                        self._slots.release(server_lock_key(k), s)
                 return None
             taken.append((key, got))
         return taken
@@ -160,11 +160,11 @@ class SharedConnectionLimits(ConnectionLimits):
                 key = server_key(e)
                 slot = self._held[key].pop()
                 if slot >= 0:
-                    self._slots.release(_server_lock_key(key), slot)
+                    self._slots.release(server_lock_key(key), slot)
             self._cond.notify_all()
 
 
-def _server_lock_key(key: tuple[str, int]) -> int:
+def server_lock_key(key: tuple[str, int]) -> int:
     """A stable signed 32-bit key for a server's slot locks (the first of the two
     advisory lock keys; the slot number is the second)."""
     digest = hashlib.sha256(f"mailmigrate server slots:{key[0]}:{key[1]}".encode()).digest()
