@@ -1067,6 +1067,4 @@ def _cron_item_problem(item: str, low: int, high: int, names: dict[str, int]) ->
     end = number(last) if dash else start
     if start is None or end is None:
         return "is out of range"
-    if dash and end < start:
-        return "has a range that ends before it starts"
-    return None
+    return None  # a range like 22-2 wraps around (as croniter, which runs it, reads it)

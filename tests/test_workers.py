@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import croniter
 import psycopg
 import pytest
 
@@ -208,9 +210,8 @@ def test_a_killed_worker_s_mailbox_is_finished_by_another_without_duplicates(
 
 def test_a_scheduled_job_runs_again_by_itself_and_copies_only_what_is_new(
         old_account, new_account, pg_url, tmp_path):
-    first = [mailgen.TestMessage("INBOX", mailgen.make_message(__import__("random").Random(1),
-                                                                i)[0], (), None)
-             for i in range(5)]
+    first = [mailgen.TestMessage("INBOX", mailgen.make_message(random.Random(1), i)[0], (),
+                                 None) for i in range(5)]
     mailgen.fill(old_account, first)
     # six fields: seconds last (croniter's order, which procrastinate uses)
     job = {"name": "sched", "kind": "imap-copy", "schedule": "* * * * * */2",
@@ -223,7 +224,7 @@ def test_a_scheduled_job_runs_again_by_itself_and_copies_only_what_is_new(
             r["outcome"] == "ok" and r["copied"] == 5 for r in _runs(pg_url)["sched"]),
             [worker])
         more = [mailgen.TestMessage("INBOX", mailgen.make_message(
-            __import__("random").Random(2), 100 + i)[0], (), None) for i in range(3)]
+            random.Random(2), 100 + i)[0], (), None) for i in range(3)]
         mailgen.fill(old_account, more)
         _wait_until("a later run copying the new messages", lambda: any(
             r["outcome"] == "ok" and r["copied"] == 3 for r in _runs(pg_url)["sched"]),
@@ -336,10 +337,14 @@ def test_a_bad_schedule_is_a_config_error_naming_it(tmp_path):
     proc = run_cli("check-config", "-c", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "schedule = '*/70 * * *': has 4 fields, not 5" in proc.stderr
+    # the same verdicts as croniter, which the workers use to run schedules
     for bad, says in (("61 * * * *", "minute field '61' is out of range"),
-                      ("* * * * mon-sun", "has a range that ends before it starts"),
+                      ("* 24 * * *", "hour field '24' is out of range"),
+                      ("* * * * mon-sunday", "day of week field 'mon-sunday' is out of"),
                       ("*/0 * * * *", "has a bad step")):
         assert says in cfg.cron_problem(bad)
+        assert not croniter.croniter.is_valid(bad), bad
     for good in ("*/30 * * * *", "0 3 * * mon-fri", "@hourly", "* * * * * */2",
-                 "0,30 8-18 1-31/2 jan-dec 0-7"):
+                 "0,30 8-18 1-31/2 jan-dec 0-7", "0 22-2 * * *", "* * * * mon-sun"):
         assert cfg.cron_problem(good) is None, good
+        assert croniter.croniter.is_valid(good), good
