@@ -348,3 +348,31 @@ def test_a_bad_schedule_is_a_config_error_naming_it(tmp_path):
                  "0,30 8-18 1-31/2 jan-dec 0-7", "0 22-2 * * *", "* * * * mon-sun"):
         assert cfg.cron_problem(good) is None, good
         assert croniter.croniter.is_valid(good), good
+
+
+def test_a_plain_run_on_postgresql_keeps_to_the_same_database_kept_limit(
+        old_account, new_account, pg_url, tmp_path):
+    """`mailmigrate run` beside workers (another host): one limit for all of them."""
+    mailgen.fill(old_account, [mailgen.TestMessage(
+        "INBOX", mailgen.make_message(random.Random(3), i)[0], (), None) for i in range(4)])
+    job = {"name": "solo", "kind": "imap-copy",
+           "source": old_account.endpoint_toml(max_connections=1),
+           "destination": new_account.endpoint_toml()}
+    path = _config(tmp_path, [job], pg_url)
+    _upgrade(path)
+    holder = psycopg.connect(_libpq(pg_url), autocommit=True)
+    key = server_lock_key(("127.0.0.1", old_account.endpoint_toml()["port"]))
+    assert holder.execute("SELECT pg_try_advisory_lock(%s, 0)", (key,)).fetchone()[0]
+    proc = subprocess.Popen([sys.executable, "-m", "migrate", "run", "-c", str(path),
+                             "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until("the run waiting for the slot", lambda: _runs(pg_url).get("solo"))
+        assert proc.poll() is None and hashes_at(new_account) == {}
+        holder.close()  # the slot is free: the run goes on
+        out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "4 copied" in out
