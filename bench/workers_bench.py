@@ -80,8 +80,17 @@ def one_round(args, old, new, sources, workers: int, work: Path) -> tuple[float,
         path.write_text("[workers]\nheartbeat_seconds = 1\nstalled_after_seconds = 30\n\n"
                         + path.read_text())
         mm = [sys.executable, "-m", "migrate"]
-        for command in (["db", "upgrade"], ["enqueue"]):
-            subprocess.run([*mm, *command, "-c", str(path)], check=True, capture_output=True)
+        subprocess.run([*mm, "db", "upgrade", "-c", str(path)], check=True,
+                       capture_output=True)
+        if workers < 0:  # the baseline: one `mailmigrate run --workers K` process
+            t = time.monotonic()
+            subprocess.run([*mm, "run", "-c", str(path), "--no-progress", "--workers",
+                            str(-workers)], check=True, capture_output=True)
+            elapsed = time.monotonic() - t
+            with psycopg.connect(dsn) as conn:
+                copied = conn.execute("SELECT coalesce(sum(copied), 0) FROM runs").fetchone()[0]
+            return elapsed, int(copied)
+        subprocess.run([*mm, "enqueue", "-c", str(path)], check=True, capture_output=True)
         t = time.monotonic()
         procs = [subprocess.Popen([*mm, "worker", "-c", str(path), "--concurrency",
                                    str(args.concurrency)], stdout=subprocess.DEVNULL,
@@ -111,6 +120,8 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--concurrency", type=int, default=2, help="jobs per worker process")
+    ap.add_argument("--run-workers", type=int, nargs="*", default=[],
+                    help="also time one `mailmigrate run --workers K` process (baseline)")
     ap.add_argument("--max-connections", type=int, default=16,
                     help="max_connections of each server (shared by all workers)")
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
@@ -133,10 +144,12 @@ def main() -> int:
         print(f"filled {args.mailboxes} x {args.messages} messages, {total / 1e6:.1f} MB "
               f"({time.monotonic() - t:.1f} s); {os.cpu_count()} CPUs")
         work = Path(tempfile.mkdtemp(prefix="mailmigrate-wbench-"))
-        for workers in args.workers:
+        for workers in [-k for k in args.run_workers] + args.workers:
             elapsed, copied = one_round(args, old, new, sources, workers, work)
             assert copied == count, f"copied {copied} of {count}"
-            print(f"{workers} worker(s) × concurrency {args.concurrency}: {count} messages "
+            what = (f"mailmigrate run --workers {-workers}" if workers < 0 else
+                    f"{workers} worker(s) × concurrency {args.concurrency}")
+            print(f"{what}: {count} messages "
                   f"in {elapsed:.1f} s = {count / elapsed:.0f} msgs/s "
                   f"({total / 1e6 / elapsed:.2f} MB/s)", flush=True)
         return 0

@@ -306,7 +306,8 @@ def _add_worker_commands(sub) -> None:
     worker.add_argument("--concurrency", type=int, default=1, metavar="N",
                         help="run up to N mailbox jobs at the same time (default 1)")
     worker.add_argument("--until-empty", action="store_true",
-                        help="stop when the queue is empty instead of waiting for more")
+                        help="stop when the queue is empty instead of waiting for more; "
+                             "the exit code then tells how the jobs it ran ended")
     worker.add_argument("--batch-messages", type=int, default=200, help=argparse.SUPPRESS)
     worker.add_argument("-v", "--verbose", action="count", default=0,
                         help="log what happens to stderr (-vv: also every batch)")
@@ -340,11 +341,25 @@ def _workers_command(args) -> int:
         print("mailmigrate: error: --concurrency must be 1 or more", file=sys.stderr)
         return EXIT_REFUSED
     options = RunOptions(progress=False, batch_messages=max(1, args.batch_messages))
+    # the task engine's messages go where ours go (-v, --log-file); a job's outcome is
+    # printed by _show, not again as the engine's traceback
+    ours, engine_log = logging.getLogger("migrate"), logging.getLogger("procrastinate")
+    for handler in ours.handlers:
+        handler.addFilter(lambda record: not workers.is_reported_outcome(record))
+    engine_log.handlers[:] = ours.handlers
+    engine_log.setLevel(ours.level)
+    engine_log.propagate = False
     log.info("worker %s started: config %s, concurrency %d", workers.worker_name(),
              args.config, args.concurrency, extra={"file_only": True})
-    signum = workers.run_worker(cfg, args.concurrency, options, on_result=_show,
+    results: list[JobResult] = []
+
+    def on_result(result: JobResult) -> None:
+        _show(result)
+        results.append(result)  # list.append: safe from the jobs' threads
+
+    signum = workers.run_worker(cfg, args.concurrency, options, on_result=on_result,
                                 wait=not args.until_empty)
-    return 128 + signum if signum is not None else EXIT_OK
+    return 128 + signum if signum is not None else exit_code(results)
 
 
 def _unbind(args) -> int:

@@ -59,6 +59,13 @@ class MailboxFailed(Exception):
     """The job ended with errors: retried ``[workers] retries`` times, then failed."""
 
 
+def is_reported_outcome(record: logging.LogRecord) -> bool:
+    """procrastinate's log record of a job that ended with one of the outcomes above:
+    the job's summary and errors are printed already, without a traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return isinstance(exc, (MailboxInterrupted, MailboxBusy, MailboxFailed))
+
+
 # --- checks ------------------------------------------------------------------------
 
 

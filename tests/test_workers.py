@@ -285,7 +285,8 @@ def test_status_shows_waiting_running_failed_and_sigterm_requeues_the_running_jo
 
     holder.close()  # the slot is free: a new worker finishes the queue
     proc = run_cli("worker", "-c", str(path), "--until-empty")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # "broken" failed; retries = 0
+    assert "mailmigrate: error: broken: " in proc.stderr and "Traceback" not in proc.stderr
     doc = _status(path)
     assert (doc["queue"]["done"], doc["queue"]["failed"], doc["queue"]["waiting"]) == (2, 1, 0)
     states = {j["name"]: (j["queue"]["state"], j["last_run"]["outcome"]) for j in doc["jobs"]}
