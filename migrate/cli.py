@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from . import __version__
 from . import config as config_mod
 from .engine import exit_code, run_jobs
-from .results import JobResult, run_document, total_line
+from .results import JobResult, plural, run_document, total_line
 from .runner import RunOptions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError
 
@@ -333,9 +333,9 @@ def _workers_command(args) -> int:
         done = workers.enqueue(cfg, args.job)
         for refusal in done.refused:
             print(f"mailmigrate: error: {refusal.name}: {refusal.message}", file=sys.stderr)
-        print(f"enqueued {len(done.added)} jobs; {len(done.already_waiting)} already "
-              f"waiting in the queue" + (f"; {len(done.refused)} refused (see above)"
-                                         if done.refused else ""))
+        print(f"enqueued {plural(len(done.added), 'job')}; {len(done.already_waiting)} "
+              "already waiting in the queue" + (f"; {len(done.refused)} refused (see above)"
+                                                if done.refused else ""))
         return EXIT_REFUSED if done.refused else EXIT_OK
     if args.concurrency < 1:
         print("mailmigrate: error: --concurrency must be 1 or more", file=sys.stderr)

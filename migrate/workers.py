@@ -163,7 +163,10 @@ def build_app(config: Config, runtime: WorkerRuntime | None = None):
     scheduler = app.task(name=SCHEDULE_TASK, queue=QUEUE)(defer_scheduled)
     if runtime is not None:
         for entry, cron in schedules(config).items():
-            app.periodic(cron=cron, periodic_id=entry, task_kwargs={"entry": entry})(scheduler)
+            # at most one tick of a schedule waits for a free worker: busy workers do
+            # not pile up ticks
+            app.periodic(cron=cron, periodic_id=entry, queueing_lock=f"schedule:{entry}",
+                         task_kwargs={"entry": entry})(scheduler)
     app.mailbox_task = mailbox
     return app
 
