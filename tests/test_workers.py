@@ -378,3 +378,17 @@ def test_a_plain_run_on_postgresql_keeps_to_the_same_database_kept_limit(
             proc.kill()
     assert proc.returncode == 0, err
     assert "4 copied" in out
+
+
+def test_enqueue_and_worker_before_db_upgrade_say_to_run_it(pg_url, tmp_path, old_account,
+                                                            new_account):
+    job = {"name": "a", "kind": "imap-copy", "source": old_account.endpoint_toml(),
+           "destination": new_account.endpoint_toml()}
+    path = _config(tmp_path, [job], pg_url)
+    for command in ("enqueue", "worker"):
+        proc = run_cli(command, "-c", str(path))
+        assert proc.returncode == 2, proc.stderr
+        assert f"run `mailmigrate db upgrade -c {path}` first" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    unknown = run_cli("enqueue", "-c", str(path), "--job", "nobody")
+    assert unknown.returncode == 2 and "no job named 'nobody'" in unknown.stderr
