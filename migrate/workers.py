@@ -201,6 +201,13 @@ def enqueue(config: Config, names: Sequence[str] | None) -> Enqueued:
     """One task per job (an accounts entry: one per mailbox); a job already waiting in
     the queue is not added again."""
     procrastinate = _procrastinate()
+    require_postgresql(config)
+    # connecting through our store first: an unreachable server is a clear error
+    store = Store.open_existing(config.state_url)
+    if store is None:
+        raise StateError(_UPGRADE_FIRST.format(url=redact_url(config.state_url),
+                                               path=config.path))
+    store.close()
     selected = config.select(names)
     outcome = Enqueued(refused=[item for item in selected if isinstance(item, Refusal)])
     app = build_app(config)
@@ -220,10 +227,14 @@ def enqueue(config: Config, names: Sequence[str] | None) -> Enqueued:
     return outcome
 
 
+_UPGRADE_FIRST = ("the task queue is not set up in {url}; run `mailmigrate db upgrade -c "
+                  "{path}` first")
+
+
 async def _require_queue_schema(app, config: Config) -> None:
     if not await app.check_connection_async():
-        raise StateError(f"the task queue is not set up in {redact_url(config.state_url)}; "
-                         f"run `mailmigrate db upgrade -c {config.path}` first")
+        raise StateError(_UPGRADE_FIRST.format(url=redact_url(config.state_url),
+                                               path=config.path))
 
 
 # --- the worker -----------------------------------------------------------------------
