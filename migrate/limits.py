@@ -134,7 +134,8 @@ class SharedConnectionLimits(ConnectionLimits):
                     return None
                 self._cond.wait(_SHARED_POLL)
 
-    def _try_take_all(self, keys: list[tuple[str, int]]) -> list[tuple[tuple[str, int], int]] | None:
+    def _try_take_all(self, keys: list[tuple[str, int]]
+                      ) -> list[tuple[tuple[str, int], int]] | None:
         """One free slot per key (two for a key named twice), all or none."""
         taken: list[tuple[tuple[str, int], int]] = []
         for key in keys:
