@@ -25,7 +25,7 @@ from migrate.limits import server_lock_key
 from migrate.store import MAILBOX_TASK, Store
 from tests.rig import mailgen
 from tests.rig.countingproxy import CountingProxy
-from tests.rig.interrupt import fill_many, hashes_at, hashes_of
+from tests.rig.interrupt import count_in, fill_many, hashes_at, hashes_of
 from tests.rig.jobs import run_cli, write_config
 from tests.test_accounts import _accounts_entry, _hashes, _mailboxes
 
@@ -392,3 +392,32 @@ def test_enqueue_and_worker_before_db_upgrade_say_to_run_it(pg_url, tmp_path, ol
         assert "Traceback" not in proc.stderr
     unknown = run_cli("enqueue", "-c", str(path), "--job", "nobody")
     assert unknown.returncode == 2 and "no job named 'nobody'" in unknown.stderr
+
+
+def test_sigterm_mid_copy_finishes_the_batch_requeues_and_another_worker_continues(
+        old_account, new_account, pg_url, tmp_path):
+    bodies = fill_many(old_account, 2000)
+    job = {"name": "big", "kind": "imap-copy", "source": old_account.endpoint_toml(),
+           "destination": new_account.endpoint_toml()}
+    path = _config(tmp_path, [job], pg_url)
+    _upgrade(path)
+    _enqueue(path)
+    worker = _start_worker(path, tmp_path, "--batch-messages", "20")
+    try:
+        _wait_until("the first copies", lambda: count_in(new_account) >= 20, [worker])
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=DEADLINE) == 143, _output(worker)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    out, err = _output(worker)
+    assert "big: INTERRUPTED" in out and "go back into the queue" in err
+    assert _queue(pg_url) == {"todo": 1}  # waiting again, for any worker
+    (run,) = _runs(pg_url)["big"]
+    assert run["outcome"] == "aborted" and 0 < run["copied"] < 2000
+    # every batch begun was finished and recorded: the destination holds what was recorded
+    assert count_in(new_account) == run["copied"]
+    proc = run_cli("worker", "-c", str(path), "--until-empty")
+    assert proc.returncode == 0, proc.stderr
+    assert hashes_at(new_account) == hashes_of(bodies)  # the rest, nothing twice
+    assert [r["outcome"] for r in _runs(pg_url)["big"]] == ["aborted", "ok"]
