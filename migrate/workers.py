@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import Config, Job, Refusal, redact_url
 from .engine import run_jobs
@@ -116,7 +117,13 @@ class WorkerRuntime:
     on_result: Callable[[JobResult], None] | None = None
 
 
-def build_app(config: Config, runtime: WorkerRuntime | None = None):
+@dataclass
+class Queue:
+    app: Any  # procrastinate.App on the state database
+    mailbox: Any  # its task running one mailbox job
+
+
+def build_queue(config: Config, runtime: WorkerRuntime | None = None) -> Queue:
     """The procrastinate App on the config's PostgreSQL state database, with the
     mailbox task (and, for a worker, the periodic tasks of the schedules)."""
     procrastinate = _procrastinate()
@@ -167,8 +174,7 @@ def build_app(config: Config, runtime: WorkerRuntime | None = None):
             # not pile up ticks
             app.periodic(cron=cron, periodic_id=entry, queueing_lock=f"schedule:{entry}",
                          task_kwargs={"entry": entry})(scheduler)
-    app.mailbox_task = mailbox
-    return app
+    return Queue(app, mailbox)
 
 
 def _job_names(config: Config, names: Sequence[str] | None) -> list[str]:
@@ -210,15 +216,15 @@ def enqueue(config: Config, names: Sequence[str] | None) -> Enqueued:
     store.close()
     selected = config.select(names)
     outcome = Enqueued(refused=[item for item in selected if isinstance(item, Refusal)])
-    app = build_app(config)
+    queue = build_queue(config)
 
     async def main() -> None:
-        async with app.open_async():
-            await _require_queue_schema(app, config)
+        async with queue.app.open_async():
+            await _require_queue_schema(queue.app, config)
             for item in selected:
                 if not isinstance(item, Job):
                     continue
-                if await _defer(app.mailbox_task, [item.name], procrastinate):
+                if await _defer(queue.mailbox, [item.name], procrastinate):
                     outcome.added.append(item.name)
                 else:
                     outcome.already_waiting.append(item.name)
@@ -259,7 +265,7 @@ def run_worker(config: Config, concurrency: int, options: RunOptions,
     options = dataclasses.replace(options, workers=1,
                                   connection_limits=SharedConnectionLimits(sizes, slots))
     runtime = WorkerRuntime(config, store, options, on_result)
-    app = build_app(config, runtime)
+    app = build_queue(config, runtime).app
     settings = config.workers
     received: list[int] = []
 
@@ -354,6 +360,7 @@ def upgrade(config: Config) -> list[str]:
     others wait, then find it done); running it again changes nothing."""
     procrastinate = _procrastinate()
     import psycopg
+    from procrastinate.schema import SchemaManager
 
     dsn = require_postgresql(config)
     done = []
@@ -364,8 +371,7 @@ def upgrade(config: Config) -> list[str]:
         with store.upgrade_lock(), psycopg.connect(dsn, autocommit=True) as conn:
             exists = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0]
             recorded = store.get_meta(QUEUE_SCHEMA_KEY)
-            manager = procrastinate.App(connector=procrastinate.PsycopgConnector(
-                conninfo=dsn)).schema_manager
+            manager = SchemaManager
             if exists is None:
                 with conn.transaction():
                     conn.execute(manager.get_schema())

@@ -327,6 +327,12 @@ def test_db_upgrade_on_several_hosts_at_once(pg_url, tmp_path, old_account, new_
     again = run_cli("db", "upgrade", "-c", str(path))
     assert "task queue schema up to date" in again.stdout
     assert _queue(pg_url) == {}
+    # a queue schema written by a newer procrastinate: refused, not downgraded
+    with psycopg.connect(_libpq(pg_url), autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = '99.0.0' WHERE key = 'procrastinate_schema'")
+    newer = run_cli("db", "upgrade", "-c", str(path))
+    assert newer.returncode == 2 and "Traceback" not in newer.stderr
+    assert "schema is of procrastinate 99.0.0, newer than the installed" in newer.stderr
 
 
 def test_a_bad_schedule_is_a_config_error_naming_it(tmp_path):
