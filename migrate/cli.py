@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from . import __version__
 from . import config as config_mod
 from .engine import exit_code, run_jobs
-from .results import JobResult, run_document, total_line
+from .results import JobResult, plural, run_document, total_line
 from .runner import RunOptions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError
 
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one JSON document (schema mailmigrate.verify/1)")
     verify.add_argument("-v", "--verbose", action="count", default=0,
                         help="log what happens to stderr")
+    _add_worker_commands(sub)
 
     for name, what, schema in (
             ("status", "what the state database says about each job (read-only)",
@@ -160,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command in ("enqueue", "worker", "db"):
+            return _workers_command(args)
     except MigrateError as exc:
         print(f"mailmigrate: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -286,6 +289,77 @@ def _check(args) -> int:
     if len(reports) < len(items):
         return EXIT_REFUSED
     return EXIT_OK if check.passed(reports) else EXIT_FAILED
+
+
+def _add_worker_commands(sub) -> None:
+    """enqueue / worker / db upgrade: jobs on several hosts (migrate/workers.py)."""
+    enqueue = sub.add_parser(
+        "enqueue", help="put jobs into the queue of the PostgreSQL state database, for "
+                        "`mailmigrate worker` on any host (one task per mailbox)")
+    enqueue.add_argument("-c", "--config", required=True)
+    enqueue.add_argument("--job", action="append", metavar="NAME",
+                         help="only this job or accounts entry (repeatable)")
+    worker = sub.add_parser(
+        "worker", help="run queued and scheduled jobs until SIGTERM (start one on every "
+                       "host)", epilog=EPILOG)
+    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="run up to N mailbox jobs at the same time (default 1)")
+    worker.add_argument("--until-empty", action="store_true",
+                        help="stop when the queue is empty instead of waiting for more; "
+                             "the exit code then tells how the jobs it ran ended")
+    worker.add_argument("--batch-messages", type=int, default=200, help=argparse.SUPPRESS)
+    worker.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what happens to stderr (-vv: also every batch)")
+    worker.add_argument("--log-file", metavar="FILE", help="also append a timestamped log")
+    db = sub.add_parser("db", help="state database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_sub.add_parser(
+        "upgrade", help="create or upgrade the state schema and the task queue's (safe to "
+                        "run on several hosts at once)")
+    upgrade.add_argument("-c", "--config", required=True)
+
+
+def _workers_command(args) -> int:
+    from . import workers
+
+    cfg = config_mod.load(args.config)
+    if args.command == "db":
+        for line in workers.upgrade(cfg):
+            print(line)
+        return EXIT_OK
+    if args.command == "enqueue":
+        cfg.select(args.job)  # unknown names fail before anything is queued
+        done = workers.enqueue(cfg, args.job)
+        for refusal in done.refused:
+            print(f"mailmigrate: error: {refusal.name}: {refusal.message}", file=sys.stderr)
+        print(f"enqueued {plural(len(done.added), 'job')}; {len(done.already_waiting)} "
+              "already waiting in the queue" + (f"; {len(done.refused)} refused (see above)"
+                                                if done.refused else ""))
+        return EXIT_REFUSED if done.refused else EXIT_OK
+    if args.concurrency < 1:
+        print("mailmigrate: error: --concurrency must be 1 or more", file=sys.stderr)
+        return EXIT_REFUSED
+    options = RunOptions(progress=False, batch_messages=max(1, args.batch_messages))
+    # the task engine's messages go where ours go (-v, --log-file); a job's outcome is
+    # printed by _show, not again as the engine's traceback
+    ours, engine_log = logging.getLogger("migrate"), logging.getLogger("procrastinate")
+    for handler in ours.handlers:
+        handler.addFilter(lambda record: not workers.is_reported_outcome(record))
+    engine_log.handlers[:] = ours.handlers
+    engine_log.setLevel(ours.level)
+    engine_log.propagate = False
+    log.info("worker %s started: config %s, concurrency %d", workers.worker_name(),
+             args.config, args.concurrency, extra={"file_only": True})
+    results: list[JobResult] = []
+
+    def on_result(result: JobResult) -> None:
+        _show(result)
+        results.append(result)  # list.append: safe from the jobs' threads
+
+    signum = workers.run_worker(cfg, args.concurrency, options, on_result=on_result,
+                                wait=not args.until_empty)
+    return 128 + signum if signum is not None else exit_code(results)
 
 
 def _unbind(args) -> int:

@@ -111,6 +111,8 @@ class Job:
     delete_after_verify: bool = False
     leave_on_server_days: int | None = None
     other_namespaces: bool = False
+    # a cron expression: `mailmigrate worker` runs the job by itself at these times
+    schedule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,23 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """[workers]: how `mailmigrate worker` processes on every host keep track of each
+    other (all hosts should use the same values)."""
+
+    heartbeat_seconds: float = 10.0  # a worker says it is alive this often
+    # a worker silent this long is dead: its mailbox is given to another worker
+    stalled_after_seconds: float = 60.0
+    retries: int = 2  # a failed mailbox job is tried again this many times (back-off)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_url: str
     jobs: tuple[Job, ...]
     refusals: tuple[Refusal, ...] = ()
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
     # [[jobs]] entry with an accounts file → the names of its rows' jobs (refused ones
     # too), in file order: --job ENTRY selects them all
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -270,7 +284,8 @@ def redact_url(url: str) -> str:
 
 def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Config:
     v = _Validator()
-    _check_keys(v, data, {"state", "jobs"}, "top level of the config")
+    _check_keys(v, data, {"state", "jobs", "workers"}, "top level of the config")
+    workers = _parse_workers(v, data.get("workers", {}))
 
     state = data.get("state", {})
     state_url = f"sqlite:///{base_dir / 'mailmigrate.db'}"
@@ -319,7 +334,7 @@ def parse(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Con
 
     v.raise_if_any(str(path) if path else None)
     return Config(path=path or base_dir / "config.toml", state_url=state_url, jobs=tuple(jobs),
-                  refusals=tuple(refusals), groups=groups)
+                  refusals=tuple(refusals), groups=groups, workers=workers)
 
 
 def _claim_name(v: _Validator, name: str, index: int, seen_names: dict[str, int]) -> None:
@@ -434,9 +449,17 @@ def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | No
     _check_keys(
         v, raw,
         {"name", "kind", "delete_after_verify", "leave_on_server_days", "other_namespaces",
-         "source", "destination", "archive", "folders", "accounts"},
+         "source", "destination", "archive", "folders", "accounts", "schedule"},
         f"{where}, [[jobs]]",
     )
+    schedule = _typed(v, raw, "schedule", str, where)
+    if schedule is not None:
+        problem = cron_problem(schedule)
+        if problem:
+            v.error(f"{where}: schedule = {_show(schedule)}: {problem}; expected a cron "
+                    "expression (minute hour day-of-month month day-of-week), e.g. "
+                    "\"*/30 * * * *\" for every 30 minutes")
+            schedule = None
     kind = raw.get("kind")
     if kind not in JOB_KINDS:
         v.error(f"{where}: kind = {_show(kind)}; expected \"imap-copy\" or \"pop3-archive\"")
@@ -488,6 +511,7 @@ def _parse_job(v: _Validator, raw: dict, index: int, base_dir: Path) -> Job | No
         name=name, kind=kind, source=source, destination=destination, archive=archive,
         folders=folders, delete_after_verify=bool(delete_after_verify),
         leave_on_server_days=leave_days, other_namespaces=bool(other_namespaces),
+        schedule=schedule,
     )
 
 
@@ -955,3 +979,92 @@ def _check_protocol_conflicts(v: _Validator, jobs: list[Job]) -> None:
 
 def _deletes(job: Job) -> bool:
     return job.delete_after_verify or job.leave_on_server_days is not None
+
+
+# --- [workers] and schedules ---------------------------------------------------------
+
+WORKER_KEYS = {"heartbeat_seconds", "stalled_after_seconds", "retries"}
+
+
+def _parse_workers(v: _Validator, raw: object) -> WorkerSettings:
+    if not isinstance(raw, dict):
+        v.error(f"[workers]: workers is {_type_name(raw)}; it must be a table, e.g. "
+                "[workers] stalled_after_seconds = 60")
+        return WorkerSettings()
+    _check_keys(v, raw, WORKER_KEYS, "[workers]")
+    values: dict[str, Any] = {}
+    for key, low, high in (("heartbeat_seconds", 0.1, 3600.0),
+                           ("stalled_after_seconds", 0.5, 86400.0)):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or not low <= value <= high:
+            v.error(f"[workers]: {key} = {_show(value)}; expected a number of seconds "
+                    f"from {low:g} to {high:g}")
+            continue
+        values[key] = float(value)
+    if "heartbeat_seconds" in values or "stalled_after_seconds" in values:
+        beat = values.get("heartbeat_seconds", WorkerSettings.heartbeat_seconds)
+        stalled = values.get("stalled_after_seconds", WorkerSettings.stalled_after_seconds)
+        if stalled < 2 * beat:
+            v.error(f"[workers]: stalled_after_seconds = {stalled:g} must be at least twice "
+                    f"heartbeat_seconds = {beat:g}, or live workers would be taken for dead")
+    retries = _typed(v, raw, "retries", int, "[workers]")
+    if retries is not None:
+        if 0 <= retries <= 100:
+            values["retries"] = retries
+        else:
+            v.error(f"[workers]: retries = {_show(retries)}; expected 0 to 100")
+    return WorkerSettings(**values)
+
+
+# cron field ranges: minute hour day-of-month month day-of-week [second]
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+                ("month", 1, 12), ("day of week", 0, 7), ("second", 0, 59))
+_CRON_NAMES = {
+    3: {m: i + 1 for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul",
+                                         "aug", "sep", "oct", "nov", "dec"))},
+    4: {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))},
+}
+_CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight",
+                "@hourly"}
+
+
+def cron_problem(expression: str) -> str | None:
+    """What is wrong with a cron expression, or None.  Five fields (minute hour
+    day-of-month month day-of-week), or six with seconds last (the croniter order the
+    workers use), or a macro such as @hourly."""
+    text = expression.strip()
+    if text.lower() in _CRON_MACROS:
+        return None
+    fields = text.split()
+    if len(fields) not in (5, 6):
+        return f"has {len(fields)} fields, not 5"
+    for index, value in enumerate(fields):
+        name, low, high = _CRON_FIELDS[index]
+        for item in value.split(","):
+            problem = _cron_item_problem(item.lower(), low, high, _CRON_NAMES.get(index, {}))
+            if problem:
+                return f"the {name} field {value!r} {problem} (allowed {low}-{high})"
+    return None
+
+
+def _cron_item_problem(item: str, low: int, high: int, names: dict[str, int]) -> str | None:
+    base, slash, step = item.partition("/")
+    if slash and not (step.isdigit() and 0 < int(step) <= high - low + 1):
+        return "has a bad step"
+
+    def number(text: str) -> int | None:
+        if text in names:
+            return names[text]
+        return int(text) if text.isdigit() and low <= int(text) <= high else None
+
+    if base == "*":
+        return None
+    first, dash, last = base.partition("-")
+    start = number(first)
+    end = number(last) if dash else start
+    if start is None or end is None:
+        return "is out of range"
+    return None  # a range like 22-2 wraps around (as croniter, which runs it, reads it)

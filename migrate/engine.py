@@ -24,12 +24,14 @@ from .errors import (
     EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, JobLocked, MigrateError, StateError,
 )
 from .imap_copy import ImapCopy
-from .limits import ConnectionLimits
+from .limits import ConnectionLimits, SharedConnectionLimits
 from .pop3_archive import Pop3Archive
 from .report import dry_run_results
 from .results import JobResult, plural
 from .runner import Counters, RunOptions
-from .store import DATABASE_ERRORS, Store, database_error_text, sqlite_file
+from .store import (
+    DATABASE_ERRORS, Store, database_error_text, is_postgresql, sqlite_file,
+)
 
 log = logging.getLogger("migrate")
 
@@ -49,10 +51,6 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
         return results
     selected = config.select(names)
     jobs = [item for item in selected if isinstance(item, Job)]
-    if options.connection_limits is None:
-        # a copy: the caller's options may serve another run with other jobs
-        options = dataclasses.replace(options,
-                                      connection_limits=ConnectionLimits.for_jobs(jobs))
     scratch = None
     if store is None:
         url = config.state_url
@@ -73,6 +71,20 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
     else:
         own_store = None
     the_store = own_store or store
+    slots = None
+    if options.connection_limits is None:
+        limits = ConnectionLimits.for_jobs(jobs)
+        if is_postgresql(the_store.url):
+            # shared with every other run and worker on this database, on any host
+            try:
+                slots = the_store.slot_locks()
+            except DATABASE_ERRORS as exc:
+                if own_store is not None:
+                    own_store.close()
+                raise StateError(database_error_text(exc, the_store.safe_url)) from None
+            limits = SharedConnectionLimits(limits.sizes, slots)
+        # a copy: the caller's options may serve another run with other jobs
+        options = dataclasses.replace(options, connection_limits=limits)
 
     def one(item: Job | Refusal) -> JobResult:
         if isinstance(item, Refusal):  # a bad accounts row: refused without connecting
@@ -105,6 +117,8 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
                     raise
         return [r for r in results if r is not None]
     finally:
+        if slots is not None:
+            slots.close()
         if own_store is not None:
             own_store.close()
         if scratch:

@@ -13,6 +13,7 @@ pair also takes an idle pair of its own pool as soon as one is given back.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
@@ -93,3 +94,79 @@ class ConnectionLimits:
         """Something a waiter may take ``instead`` became available."""
         with self._cond:
             self._cond.notify_all()
+
+
+# how often a wait for a slot another process holds looks again (a slot given back in
+# this process wakes the waiters at once)
+_SHARED_POLL = 0.1
+
+
+class SharedConnectionLimits(ConnectionLimits):
+    """The same limit kept in PostgreSQL for every worker on every host: slot ``i`` of a
+    server is the advisory lock ``(server, i)``, held by this process's own session
+    (``slots``, a ``store.SlotLocks``) while a connection of it is open.  A killed
+    worker's slots are free again as soon as PostgreSQL sees its session end."""
+
+    def __init__(self, sizes: dict[tuple[str, int], int], slots):
+        super().__init__(sizes)
+        self._slots = slots
+        self._held: dict[tuple[str, int], list[int]] = {}
+
+    def take(self, endpoints: Sequence[Endpoint], stop: threading.Event,
+             instead: Callable[[], T | None] | None = None) -> T | None:
+        keys = [server_key(e) for e in endpoints]
+        with self._cond:
+            for key in keys:
+                self.sizes.setdefault(key, 1 << 30)
+                self.peak.setdefault(key, 0)
+            while True:
+                if stop.is_set():
+                    raise SlotWaitStopped("stopped while waiting for a free connection")
+                if instead is not None:
+                    offered = instead()
+                    if offered is not None:
+                        return offered
+                taken = self._try_take_all(keys)
+                if taken is not None:
+                    for key, slot in taken:
+                        self._held.setdefault(key, []).append(slot)
+                        self.peak[key] = max(self.peak[key], len(self._held[key]))
+                    return None
+                self._cond.wait(_SHARED_POLL)
+
+    def _try_take_all(self, keys: list[tuple[str, int]]
+                      ) -> list[tuple[tuple[str, int], int]] | None:
+        """One free slot per key (two for a key named twice), all or none."""
+        taken: list[tuple[tuple[str, int], int]] = []
+        for key in keys:
+            size = self.sizes[key]
+            if size >= 1 << 30:  # a server no job of the config named: no limit
+                taken.append((key, -1))
+                continue
+            # a session may take its own advisory lock again: skip what we hold
+            mine = set(self._held.get(key, ())) | {s for k, s in taken if k == key}
+            got = next((slot for slot in range(size) if slot not in mine
+                        and self._slots.try_take(server_lock_key(key), slot)), None)
+            if got is None:
+                for k, s in taken:
+                    if s >= 0:
+                        self._slots.release(server_lock_key(k), s)
+                return None
+            taken.append((key, got))
+        return taken
+
+    def give_back(self, endpoints: Sequence[Endpoint]) -> None:
+        with self._cond:
+            for e in endpoints:
+                key = server_key(e)
+                slot = self._held[key].pop()
+                if slot >= 0:
+                    self._slots.release(server_lock_key(key), slot)
+            self._cond.notify_all()
+
+
+def server_lock_key(key: tuple[str, int]) -> int:
+    """A stable signed 32-bit key for a server's slot locks (the first of the two
+    advisory lock keys; the slot number is the second)."""
+    digest = hashlib.sha256(f"mailmigrate server slots:{key[0]}:{key[1]}".encode()).digest()
+    return int.from_bytes(digest[:4], "big", signed=True)

@@ -71,21 +71,71 @@ def job_status(store: Store | None, name: str, kind: str) -> dict:
 def status_document(config: Config, store: Store | None, names: Sequence[str] | None,
                     database: str) -> dict:
     jobs = [config.job(n) for n in names] if names else list(config.jobs)
+    docs = [job_status(store, j.name, j.kind) for j in jobs]
+    queue = None if store is None else store.queue_overview([j.name for j in jobs])
+    for doc in docs:
+        doc["queue"] = _queued(queue["latest"].get(doc["name"])) if queue else None
     return {"schema": STATUS_SCHEMA, "generated_at": now_text(), "state_database": database,
-            "database_exists": store is not None,
-            "jobs": [job_status(store, j.name, j.kind) for j in jobs]}
+            "database_exists": store is not None, "queue": _queue(queue, docs),
+            "jobs": docs}
+
+
+# procrastinate's job states as status names them
+QUEUE_STATES = {"todo": "waiting", "doing": "running", "failed": "failed",
+                "succeeded": "done", "cancelled": "cancelled", "aborting": "running",
+                "aborted": "aborted"}
+
+
+def _queued(row: dict | None) -> dict | None:
+    """A job's newest entry in the task queue (`mailmigrate enqueue`, schedules)."""
+    if row is None:
+        return None
+    return {"state": QUEUE_STATES.get(row["status"], row["status"]),
+            "attempts": int(row["attempts"]), "scheduled_at": _when(row["scheduled_at"]),
+            "worker_id": row["worker_id"]}
+
+
+def _queue(queue: dict | None, jobs: list[dict]) -> dict | None:
+    """The whole queue: mailbox tasks by state, which jobs run where, the workers."""
+    if queue is None:
+        return None
+    counts = {name: 0 for name in ("waiting", "running", "failed", "done", "cancelled",
+                                   "aborted")}
+    for status, n in queue["counts"].items():
+        name = QUEUE_STATES.get(status, status)
+        counts[name] = counts.get(name, 0) + n
+    running = [{"job": j["name"], "host": (j["running_run"] or {}).get("host"),
+                "pid": (j["running_run"] or {}).get("pid"),
+                "since": (j["running_run"] or {}).get("started_at")}
+               for j in jobs if j["queue"] and j["queue"]["state"] == "running"]
+    return {**counts, "running_jobs": running,
+            "workers": [{"id": w["id"], "last_heartbeat": _when(w["last_heartbeat"])}
+                        for w in queue["workers"]]}
 
 
 def status_text(doc: dict) -> list[str]:
     if not doc["database_exists"]:
         return [f"no runs yet (state database {doc['state_database']} does not exist)"]
     lines = []
+    queue = doc.get("queue")
+    if queue is not None:
+        lines.append(f"queue: {queue['waiting']} waiting, {queue['running']} running, "
+                     f"{queue['failed']} failed, {queue['done']} done; "
+                     f"{plural(len(queue['workers']), 'worker')} alive")
+        for r in queue["running_jobs"]:
+            where = f"on {r['host']} (pid {r['pid']}, since {r['since']})" if r["host"] \
+                else "(starting)"
+            lines.append(f"  running: {r['job']} {where}")
     for job in doc["jobs"]:
         head = f"{job['name']} ({job['kind']})"
+        queued = job.get("queue")
         if not job["recorded"]:
-            lines.append(f"{head}: no runs yet")
+            lines.append(f"{head}: no runs yet"
+                         + (f"; queue: {_queued_text(queued)}" if queued else ""))
             continue
         lines.append(f"{head}:")
+        if queued:
+            lines.append("  queue:       " + _queued_text(queued))
         lines.append("  last run:    " + _run_text(job["last_run"]))
         lines.append("  running now: " + _running_text(job))
         m = job["messages"]
@@ -102,6 +152,15 @@ def status_text(doc: dict) -> list[str]:
             for g in job["top_errors"]:
                 lines.append(f"    {g['count']} × {g['examples'][0]}")
     return lines
+
+
+def _queued_text(queued: dict) -> str:
+    text = queued["state"]
+    if queued["state"] == "waiting" and queued["scheduled_at"]:
+        text += f" (not before {queued['scheduled_at']})"
+    if queued["attempts"]:
+        text += f", {plural(queued['attempts'], 'earlier attempt')}"
+    return text
 
 
 def _run_text(run: dict | None) -> str:

@@ -800,6 +800,59 @@ class Store:
             conn.execute(stmt, [{"m_id": c["id"], "v_flags": flags_to_text(c["flags"])}
                                 for c in changes])
 
+    # --- multi-host workers: meta values, upgrade lock, slots, the task queue ---
+
+    def slot_locks(self) -> SlotLocks:
+        """A session of its own holding this process's connection slots (PostgreSQL)."""
+        return SlotLocks(self.engine)
+
+    @contextlib.contextmanager
+    def upgrade_lock(self):
+        """Held while `mailmigrate db upgrade` creates or upgrades both schemas: a second
+        host starting at the same time waits here, then finds everything done."""
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            conn.exec_driver_sql("SELECT pg_advisory_lock(%s)", (UPGRADE_LOCK_KEY,))
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (UPGRADE_LOCK_KEY,))
+        finally:
+            conn.close()
+
+    def get_meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write() as conn:
+            if conn.execute(update(meta).where(meta.c.key == key)
+                            .values(value=value)).rowcount == 0:
+                conn.execute(insert(meta).values(key=key, value=value))
+
+    def has_table(self, name: str) -> bool:
+        with self.engine.connect() as conn:
+            return self.engine.dialect.has_table(conn, name)
+
+    def queue_overview(self, job_names: Sequence[str]) -> dict | None:
+        """The task queue as `status` shows it: jobs of the mailbox task by state, the
+        newest queue entry of each named job, and the registered workers; None without a
+        queue (SQLite, or `mailmigrate db upgrade` never ran)."""
+        if self.engine.dialect.name != "postgresql" or not self.has_table("procrastinate_jobs"):
+            return None
+        with self.engine.connect() as conn:
+            counts = {status: int(n) for status, n in conn.exec_driver_sql(
+                "SELECT status::text, count(*) FROM procrastinate_jobs WHERE task_name = %s "
+                "GROUP BY status", (MAILBOX_TASK,))}
+            latest = {row.job: dict(row._mapping) for row in conn.exec_driver_sql(
+                "SELECT DISTINCT ON (args->>'job') args->>'job' AS job, id, status::text "
+                "AS status, attempts, scheduled_at, worker_id FROM procrastinate_jobs "
+                "WHERE task_name = %s AND args->>'job' = ANY(%s) "
+                "ORDER BY args->>'job', id DESC", (MAILBOX_TASK, list(job_names)))}
+            workers = [dict(row._mapping) for row in conn.exec_driver_sql(
+                "SELECT id, last_heartbeat FROM procrastinate_workers ORDER BY id")]
+        return {"counts": counts, "latest": latest, "workers": workers}
+
 
 # Errors of the state database itself (file not writable, server down, disk full), for
 # the engine to report as a job error instead of a traceback.
@@ -966,3 +1019,51 @@ def _tune_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+# --- multi-host workers (migrate/workers.py) -------------------------------------------
+# Only what needs SQL lives here: the procrastinate engine itself talks to PostgreSQL
+# through its own connector.
+
+# The procrastinate task that runs one mailbox job; status reads the queue by this name.
+MAILBOX_TASK = "mailmigrate.run_mailbox_job"
+# `mailmigrate db upgrade` on several hosts at once: one at a time (session lock)
+UPGRADE_LOCK_KEY = 7270432
+
+
+def is_postgresql(url: str) -> bool:
+    try:
+        return make_url(url).get_backend_name() == "postgresql"
+    except ArgumentError:
+        return False
+
+
+def libpq_url(url: str) -> str:
+    """The [state] URL (SQLAlchemy's postgresql+psycopg://...) as libpq takes it, for
+    the task engine's own connections.  Holds the password: never log it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class SlotLocks:
+    """Connection slots of servers as PostgreSQL advisory locks ``(server, slot)``, held
+    by one session of this process: every process on every host sees the same slots,
+    and a killed process's slots are free as soon as its session ends."""
+
+    def __init__(self, engine: Engine):
+        self._conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._conn.exec_driver_sql("SELECT set_config('application_name', %s, false)",
+                                   (f"mailmigrate slots {_holder_text()}"[:63],))
+        self._lock = threading.Lock()
+
+    def try_take(self, server: int, slot: int) -> bool:
+        with self._lock:
+            return bool(self._conn.exec_driver_sql(
+                "SELECT pg_try_advisory_lock(%s, %s)", (server, slot)).scalar())
+
+    def release(self, server: int, slot: int) -> None:
+        with self._lock:
+            self._conn.exec_driver_sql("SELECT pg_advisory_unlock(%s, %s)", (server, slot))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

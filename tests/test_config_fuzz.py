@@ -30,10 +30,12 @@ THROUGH_CLI = settings(max_examples=15, deadline=None, derandomize=True, databas
 
 # Documented keys per kind of table (config.example.toml, migrate/config.py).
 DOCUMENTED = {
-    "top": {"state", "jobs"},
+    "top": {"state", "jobs", "workers"},
     "state": {"url"},
+    "workers": set(cfg.WORKER_KEYS),
     "job": {"name", "kind", "delete_after_verify", "leave_on_server_days",
-            "other_namespaces", "source", "destination", "archive", "folders", "accounts"},
+            "other_namespaces", "source", "destination", "archive", "folders", "accounts",
+            "schedule"},
     "endpoint": set(cfg.ENDPOINT_KEYS),
     "archive": {"path", "format"},
     "folders": {"include", "exclude", "map"},
@@ -47,10 +49,11 @@ def base_config() -> dict:
     """Valid, and between its endpoints it sets every documented key."""
     return {
         "state": {"url": "sqlite:///state.db"},
+        "workers": {"heartbeat_seconds": 10, "stalled_after_seconds": 60, "retries": 2},
         "jobs": [
             {
                 "name": "alice", "kind": "imap-copy", "delete_after_verify": False,
-                "other_namespaces": False,
+                "other_namespaces": False, "schedule": "*/30 * * * *",
                 "source": {"host": "mail.old.example", "port": 993, "security": "ssl",
                            "username": "alice@old.example", "password_env": "ALICE_OLD",
                            "ca_file": "ca.pem", "allow_insecure": False,
@@ -228,6 +231,8 @@ def tables_of(data: dict) -> list[tuple[tuple, str]]:
     state = data.get("state")
     if isinstance(state, dict):
         found.append((("state",), "state"))
+    if isinstance(data.get("workers"), dict):
+        found.append((("workers",), "workers"))
     jobs = data.get("jobs")
     for i, job in enumerate(jobs if isinstance(jobs, list) else []):
         if not isinstance(job, dict):
