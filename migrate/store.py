@@ -32,7 +32,7 @@ from .config import redact_url
 from .errors import ConfigError, JobLocked, SafetyError, StateError
 from .states import State, sources_of
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Clock = Callable[[], dt.datetime]
 
@@ -174,6 +174,29 @@ messages = Table(
     Index("ix_messages_folder_state_size", "folder_id", "state", "size"),
 )
 
+# imap-copy's folder-skipping shortcut (schema 4): both sides' STATUS as a run that
+# finished the folder cleanly last saw it.  A folder whose source and destination still
+# answer the same (HIGHESTMODSEQ included) and that holds no unfinished messages is not
+# opened at all.  Removed when a sync of the folder starts, written when it ends.
+folder_status = Table(
+    "folder_status", metadata,
+    Column("folder_id", ForeignKey("folders.id"), primary_key=True),
+    Column("source_uidvalidity", BigInteger),
+    Column("source_uidnext", BigInteger),
+    Column("source_messages", BigInteger),
+    Column("source_highestmodseq", BigInteger),
+    Column("destination_uidvalidity", BigInteger),
+    Column("destination_uidnext", BigInteger),
+    Column("destination_messages", BigInteger),
+    Column("destination_highestmodseq", BigInteger),
+    # nothing pending, failed or deleting in the folder when the status was saved
+    Column("settled", Boolean, nullable=False, default=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The four STATUS items of each side, in folder_status column order.
+STATUS_FIELDS = ("uidvalidity", "uidnext", "messages", "highestmodseq")
+
 
 @dataclass(frozen=True)
 class Binding:
@@ -212,6 +235,17 @@ class MessageRow:
     destination_size: int | None = None
     internaldate: dt.datetime | None = None
     last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class SavedStatus:
+    """folder_status of one folder: each side's (uidvalidity, uidnext, messages,
+    highestmodseq) as last seen, and whether the folder was settled then."""
+
+    folder_id: int
+    source: tuple[int | None, ...]
+    destination: tuple[int | None, ...]
+    settled: bool
 
 
 RUN_COUNTERS = ("folders", "copied", "skipped", "flags_updated", "deleted", "failed",
@@ -670,6 +704,49 @@ class Store:
         assert row is not None
         return row
 
+    # --- folder status (imap-copy's folder-skipping shortcut) -----------------------
+
+    def saved_statuses(self, job_id: int) -> dict[str, SavedStatus]:
+        """source folder name → its saved folder_status, for the folders that have one."""
+        src = [folder_status.c[f"source_{f}"] for f in STATUS_FIELDS]
+        dst = [folder_status.c[f"destination_{f}"] for f in STATUS_FIELDS]
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(folders.c.source_name, folder_status.c.folder_id,
+                       folder_status.c.settled, *src, *dst)
+                .join(folders, folders.c.id == folder_status.c.folder_id)
+                .where(folders.c.job_id == job_id)).all()
+        n = len(STATUS_FIELDS)
+        return {r[0]: SavedStatus(r[1], tuple(r[3:3 + n]), tuple(r[3 + n:3 + 2 * n]),
+                                  bool(r[2])) for r in rows}
+
+    def unsettled_folders(self, job_id: int, states: Iterable[State]) -> set[int]:
+        """Folders of this job with a message of the folder's current source UIDVALIDITY
+        in one of ``states`` (work left, e.g. pending, failed, deleting)."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(
+                select(messages.c.folder_id).distinct()
+                .join(folders, folders.c.id == messages.c.folder_id)
+                .where(folders.c.job_id == job_id,
+                       messages.c.state.in_([str(s) for s in states]),
+                       messages.c.source_uidvalidity == folders.c.uidvalidity)).scalars())
+
+    def forget_folder_status(self, folder_id: int) -> None:
+        """The folder is being synced: until that ends cleanly it is never skipped."""
+        with self._write() as conn:
+            conn.execute(folder_status.delete().where(folder_status.c.folder_id == folder_id))
+
+    def save_folder_status(self, folder_id: int, source: Sequence[int | None],
+                           destination: Sequence[int | None], settled: bool) -> None:
+        """Both sides' (uidvalidity, uidnext, messages, highestmodseq) after a clean sync."""
+        values = {"settled": settled, "updated_at": self.clock()}
+        values.update({f"source_{f}": v for f, v in zip(STATUS_FIELDS, source, strict=True)})
+        values.update({f"destination_{f}": v
+                       for f, v in zip(STATUS_FIELDS, destination, strict=True)})
+        with self._write() as conn:
+            conn.execute(folder_status.delete().where(folder_status.c.folder_id == folder_id))
+            conn.execute(insert(folder_status).values(folder_id=folder_id, **values))
+
     # --- messages ----------------------------------------------------------------
 
     def messages(self, folder_id: int, states: Iterable[State] | None = None
@@ -947,6 +1024,11 @@ def _upgrade(conn, version: int) -> None:
         conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_messages_folder_state_size "
                              "ON messages (folder_id, state, size)")
         conn.exec_driver_sql("DROP INDEX IF EXISTS ix_messages_folder_state")
+    if version < 4:
+        # folder_status is a new table, made by create_all() before this runs; nothing in
+        # the old tables changes.  Every folder starts without a saved status: the first
+        # run after the upgrade lists every folder, as before.
+        pass
     conn.execute(update(meta).where(meta.c.key == "schema_version")
                  .values(value=str(SCHEMA_VERSION)))
 

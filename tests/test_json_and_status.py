@@ -298,7 +298,7 @@ def test_schema_3_adds_the_status_index_to_an_older_database(tmp_path):
         conn.execute(text("DROP INDEX ix_messages_folder_state_size"))
         conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
     store = Store(url)
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION
     store.close()
     names = {ix["name"] for ix in inspect(eng).get_indexes("messages")}
     eng.dispose()

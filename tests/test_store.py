@@ -51,7 +51,8 @@ def test_newer_schema_is_refused(tmp_path):
         conn.execute(text("UPDATE meta SET value = '99' WHERE key = 'schema_version'"))
     eng.dispose()
     with pytest.raises(StateError, match="has schema version 99, but this mailmigrate "
-                                         "understands up to 3; upgrade mailmigrate"):
+                                         f"understands up to {SCHEMA_VERSION}; upgrade "
+                                         "mailmigrate"):
         Store(url)
 
 
@@ -227,7 +228,7 @@ def test_version_1_database_is_upgraded_and_keeps_its_bindings(tmp_path):
     db.close()
     store = Store(f"sqlite:///{path}")
     try:
-        assert store.schema_version() == 3
+        assert store.schema_version() == SCHEMA_VERSION
         (row,) = store.messages(1).values()
         assert row.state == State.VERIFIED and row.destination_size is None
         with pytest.raises(SafetyError, match="bound to IMAP by job 'alice'"):
@@ -238,3 +239,50 @@ def test_version_1_database_is_upgraded_and_keeps_its_bindings(tmp_path):
         assert store.runs(1)[-1]["quarantined"] == 2
     finally:
         store.close()
+
+
+def test_folder_status_roundtrip_and_unsettled_folders(store):
+    """Schema 4: a saved STATUS pair comes back as saved; a folder holding unfinished
+    messages of its current UIDVALIDITY is unsettled, other states and older UIDVALIDITYs
+    are not."""
+    job_id, folder, ids = _message(store)
+    assert store.saved_statuses(job_id) == {}
+    store.save_folder_status(folder.id, (42, 4, 3, 17), (9, 4, 3, None), True)
+    saved = store.saved_statuses(job_id)["INBOX"]
+    assert (saved.folder_id, saved.source, saved.destination, saved.settled) == \
+        (folder.id, (42, 4, 3, 17), (9, 4, 3, None), True)
+    store.save_folder_status(folder.id, (42, 5, 4, 18), (9, 5, 4, 2), False)
+    assert store.saved_statuses(job_id)["INBOX"].source == (42, 5, 4, 18)
+    assert store.unsettled_folders(job_id, [State.SEEN]) == {folder.id}
+    assert store.unsettled_folders(job_id, [State.FAILED]) == set()
+    store.upsert_folder(job_id, "INBOX", "INBOX", 43)  # the source folder was re-created
+    assert store.unsettled_folders(job_id, [State.SEEN]) == set()
+    store.forget_folder_status(folder.id)
+    assert store.saved_statuses(job_id) == {}
+
+
+def test_version_3_database_is_upgraded_to_4_in_place(tmp_path):
+    """A schema 3 database (no folder_status table) keeps its messages and gains the
+    table; no folder has a saved status, so the first run lists every folder."""
+    from sqlalchemy import inspect
+
+    url = f"sqlite:///{tmp_path / 'v3.db'}"
+    s = Store(url)
+    job_id, folder, ids = _message(s)
+    s.close()
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        conn.execute(text("DROP TABLE folder_status"))
+        conn.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    assert "folder_status" not in inspect(eng).get_table_names()
+    s = Store(url)
+    try:
+        assert s.schema_version() == SCHEMA_VERSION == 4
+        assert "folder_status" in inspect(eng).get_table_names()
+        assert len(s.messages(folder.id)) == 3
+        assert s.saved_statuses(job_id) == {}
+        s.save_folder_status(folder.id, (42, 4, 3, None), (9, 4, 3, None), True)
+        assert s.saved_statuses(job_id)["INBOX"].settled
+    finally:
+        s.close()
+        eng.dispose()
