@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from . import deletion, faults
 from .config import Job
 from .deletion import LookedAgain
-from .endpoints.imap import AppendItem, ImapSession, MessageMeta, SelectInfo
+from .endpoints.imap import AppendItem, FolderStatus, ImapSession, MessageMeta, SelectInfo
 from .limits import SlotWaitStopped
 from .results import plural
 from .runner import BackoffAccount, JobRunner, Progress, RunOptions, over_quota, retrying
 from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
 from .folders import FolderPlan, plan_folders
-from .states import State
+from .states import PENDING, State
 from .store import MessageRow, flags_to_text
 
 log = logging.getLogger("migrate.imap_copy")
@@ -55,6 +55,11 @@ class FolderRun:
     # reconnect), and those that broke it on their own (skipped)
     suspects: set[int] = field(default_factory=set)
     poisoned: set[int] = field(default_factory=set)
+    # both sides' STATUS when the run planned (before anything was listed), and whether
+    # it matches the saved one of a settled folder: then the folder is not opened at all
+    source_status: FolderStatus | None = None
+    destination_status: FolderStatus | None = None
+    unchanged: bool = False
 
 
 @dataclass
@@ -203,8 +208,10 @@ class ImapCopy(JobRunner):
             except SlotWaitStopped:  # interrupted before it had a connection: not a failure
                 return
             self.counters.add("folders", len(plans))
-            workers = max(1, min(len(plans), pool.max_pairs))
             runs = [FolderRun(p) for p in plans]
+            self._find_unchanged(runs)
+            workers = max(1, min(sum(1 for fr in runs if not fr.unchanged) or 1,
+                                 pool.max_pairs))
             with ThreadPoolExecutor(workers, thread_name_prefix=f"mm-{self.job.name}") as ex:
                 list(ex.map(lambda fr: self._folder_with_retry(pool, fr, progress), runs))
             if self.job.delete_after_verify and not self.stopping():
@@ -246,11 +253,17 @@ class ImapCopy(JobRunner):
                 created.add(p.destination)
                 log.info("%s: created folder %r", self.job.name, p.destination)
         plans = [p for p in plans if p.destination not in failed]
+        # Both sides' STATUS, one round trip each, taken before any folder is listed: a
+        # change from now on shows in the next run's STATUS, never gets lost between.
+        self._statuses = (src.statuses(p.source for p in plans),
+                          dst.statuses(p.destination for p in plans))
         if not self.dry:
             # Open each destination folder once, here, one at a time: servers that create
             # special-use folders on first access (Dovecot's auto = create) have been seen
-            # to crash, and even lose mail, when parallel sessions do that at once.
-            for name in dict.fromkeys(p.destination for p in plans):
+            # to crash, and even lose mail, when parallel sessions do that at once.  One
+            # that answered STATUS exists already.
+            for name in dict.fromkeys(p.destination for p in plans
+                                      if p.destination not in self._statuses[1]):
                 try:
                     dst.select(name, readonly=True)
                 except FolderError:
@@ -273,9 +286,70 @@ class ImapCopy(JobRunner):
         pool.give_back(pair)
         return result
 
+    # --- folders that did not change -------------------------------------------------
+
+    def _unsettled_states(self) -> list[State]:
+        """States that leave work for a folder's next sync: pending, deleting, and with
+        deletion on, verified (to delete)."""
+        states = set(PENDING) | {State.DELETING}
+        if self.job.delete_after_verify:
+            states.add(State.VERIFIED)
+        return sorted(states)
+
+    def _find_unchanged(self, runs: list[FolderRun]) -> None:
+        """Mark the folders that need no work: source and destination answer STATUS
+        exactly as after the last clean sync, HIGHESTMODSEQ included (without CONDSTORE
+        at the source a flag change shows only in a listing: never skipped), and the
+        folder holds no unfinished message (--retry-failed makes quarantined ones
+        unfinished before this runs)."""
+        seen_src, seen_dst = getattr(self, "_statuses", ({}, {}))
+        for fr in runs:
+            fr.source_status = seen_src.get(fr.plan.source)
+            fr.destination_status = seen_dst.get(fr.plan.destination)
+        if not self.job_id or not any(fr.source_status and fr.source_status.highestmodseq
+                                      is not None for fr in runs):
+            return
+        saved = self.store.saved_statuses(self.job_id)
+        if not saved:
+            return
+        unsettled = self.store.unsettled_folders(self.job_id, self._unsettled_states())
+        for fr in runs:
+            s = saved.get(fr.plan.source)
+            src_now, dst_now = fr.source_status, fr.destination_status
+            fr.unchanged = bool(
+                s is not None and s.settled and s.folder_id not in unsettled
+                and s.destination_name == fr.plan.destination
+                and src_now is not None and src_now.highestmodseq is not None
+                and None not in src_now.as_tuple()[:3] and src_now.as_tuple() == s.source
+                and dst_now is not None and None not in dst_now.as_tuple()[:3]
+                and dst_now.as_tuple() == s.destination)
+            if fr.unchanged:
+                log.info("%s: folder %r unchanged since the last run (STATUS); not opened",
+                         self.job.name, fr.plan.source)
+
+    def _save_status(self, dst: ImapSession, fr: FolderRun, rows: dict[str, MessageRow],
+                     touched: bool) -> None:
+        """After a clean sync: both sides' STATUS for the next run's comparison.  The
+        source's is the one from before the listing (whatever arrived since makes the
+        next run look again); the destination's is taken now if this sync changed it."""
+        src_now = fr.source_status
+        if self.dry or fr.folder_id is None or src_now is None:
+            return
+        dst_now = fr.destination_status
+        if touched or dst_now is None:
+            dst_now = dst.statuses([fr.plan.destination]).get(fr.plan.destination)
+        if dst_now is None:
+            return
+        work = set(self._unsettled_states())
+        settled = not any(r.state in work for r in rows.values())
+        self.store.save_folder_status(fr.folder_id, src_now.as_tuple(), dst_now.as_tuple(),
+                                      settled)
+
     def _folder_with_retry(self, pool: SessionPool, fr: FolderRun, progress: Progress
                            ) -> None:
         if self.stopping():  # interrupted, over quota, --max-errors: no new folder
+            return
+        if fr.unchanged:  # nothing to copy, update or delete there: not opened
             return
         try:
             self.retrying()(self._with_pair, pool, self._sync_folder, fr, progress)
@@ -308,6 +382,7 @@ class ImapCopy(JobRunner):
             frow = self.store.upsert_folder(self.job_id, plan.source, plan.destination,
                                             sel.uidvalidity, dsel.uidvalidity if dsel else None)
             fr.folder_id = frow.id
+            self.store.forget_folder_status(frow.id)  # skipped again only after a clean sync
             self.store.add_messages(frow.id, [
                 {"source_key": source_key(sel.uidvalidity, m.uid),
                  "source_uidvalidity": sel.uidvalidity, "source_uid": m.uid,
@@ -364,7 +439,8 @@ class ImapCopy(JobRunner):
         assert dsel is not None
         if pending:
             self._copy_pending(src, dst, fr, dsel, pending, by_uid, progress)
-        self._sync_flags(dst, plan, dsel, rows, by_uid)
+        flags_changed = self._sync_flags(dst, plan, dsel, rows, by_uid)
+        self._save_status(dst, fr, rows, touched=bool(pending or known or flags_changed))
         log.info("%s: folder %r → %r: %d messages at the source, %d pending this run",
                  self.job.name, plan.source, plan.destination, len(metas), len(pending))
 
@@ -840,8 +916,9 @@ class ImapCopy(JobRunner):
 
     # --- flags -------------------------------------------------------------------
 
-    def _sync_flags(self, dst, plan, dsel, rows, by_uid) -> None:
-        """Flags changed at the source since the last sync: the copies follow."""
+    def _sync_flags(self, dst, plan, dsel, rows, by_uid) -> bool:
+        """Flags changed at the source since the last sync: the copies follow.  Returns
+        whether any copy's flags were changed."""
         changes, records = [], []
         for r in rows.values():
             if r.state not in (State.VERIFIED, State.DELETING) or r.source_uid not in by_uid:
@@ -859,6 +936,7 @@ class ImapCopy(JobRunner):
             self._store_flags(dst, changes)
             self.store.update_flags(records)
             self.counters.add("flags_updated", len(records))
+        return bool(changes)
 
     # --- deletion ----------------------------------------------------------------
 

@@ -243,6 +243,7 @@ class SavedStatus:
     highestmodseq) as last seen, and whether the folder was settled then."""
 
     folder_id: int
+    destination_name: str
     source: tuple[int | None, ...]
     destination: tuple[int | None, ...]
     settled: bool
@@ -713,12 +714,12 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(folders.c.source_name, folder_status.c.folder_id,
-                       folder_status.c.settled, *src, *dst)
+                       folders.c.destination_name, folder_status.c.settled, *src, *dst)
                 .join(folders, folders.c.id == folder_status.c.folder_id)
                 .where(folders.c.job_id == job_id)).all()
         n = len(STATUS_FIELDS)
-        return {r[0]: SavedStatus(r[1], tuple(r[3:3 + n]), tuple(r[3 + n:3 + 2 * n]),
-                                  bool(r[2])) for r in rows}
+        return {r[0]: SavedStatus(r[1], r[2], tuple(r[4:4 + n]), tuple(r[4 + n:4 + 2 * n]),
+                                  bool(r[3])) for r in rows}
 
     def unsettled_folders(self, job_id: int, states: Iterable[State]) -> set[int]:
         """Folders of this job with a message of the folder's current source UIDVALIDITY

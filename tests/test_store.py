@@ -249,8 +249,9 @@ def test_folder_status_roundtrip_and_unsettled_folders(store):
     assert store.saved_statuses(job_id) == {}
     store.save_folder_status(folder.id, (42, 4, 3, 17), (9, 4, 3, None), True)
     saved = store.saved_statuses(job_id)["INBOX"]
-    assert (saved.folder_id, saved.source, saved.destination, saved.settled) == \
-        (folder.id, (42, 4, 3, 17), (9, 4, 3, None), True)
+    assert (saved.folder_id, saved.destination_name, saved.source, saved.destination,
+            saved.settled) == \
+        (folder.id, "INBOX", (42, 4, 3, 17), (9, 4, 3, None), True)
     store.save_folder_status(folder.id, (42, 5, 4, 18), (9, 5, 4, 2), False)
     assert store.saved_statuses(job_id)["INBOX"].source == (42, 5, 4, 18)
     assert store.unsettled_folders(job_id, [State.SEEN]) == {folder.id}

@@ -20,7 +20,8 @@ from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 from imapclient.datetime_util import datetime_to_INTERNALDATE
 from imapclient.imapclient import seq_to_parenstr
-from imapclient.response_parser import parse_fetch_response
+from imapclient.imap_utf7 import decode as decode_utf7
+from imapclient.response_parser import parse_fetch_response, parse_response
 from imapclient.util import to_bytes
 
 from ..config import Endpoint
@@ -43,6 +44,8 @@ _SCAN_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
 _SCAN_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)", re.IGNORECASE)
 _SCAN_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)", re.IGNORECASE)
 _BODY_RE = re.compile(rb"\bBODY\[\](?:<\d+>)? \{\d+\}$", re.IGNORECASE)
+# UIDs per FETCH when listing a folder's messages (memory stays flat with folder size)
+LIST_WINDOW = 5000
 
 
 def parse_uid_set(text: str | bytes) -> list[int]:
@@ -135,6 +138,30 @@ def parse_body_fetch(data: Sequence) -> dict[int, bytes]:
     return out
 
 
+def _responses(data: Iterable) -> Iterator[list]:
+    """imaplib's untagged data → one list per response: a literal arrives as a
+    (head, literal) tuple, and the rest of its line as the next bytes item."""
+    current: list = []
+    for item in data:
+        if item is None:
+            continue
+        if isinstance(item, tuple):
+            if current and not isinstance(current[-1], tuple):
+                yield current
+                current = []
+            current.append(item)
+        elif current and isinstance(current[-1], tuple):
+            current.append(item)
+            yield current
+            current = []
+        else:
+            if current:
+                yield current
+            current = [item]
+    if current:
+        yield current
+
+
 def copyable_flags(flags: Iterable) -> frozenset[str]:
     out = set()
     for f in flags:
@@ -186,6 +213,47 @@ class SelectInfo:
                 continue
             out.add(f)
         return frozenset(out)
+
+
+@dataclass(frozen=True)
+class FolderStatus:
+    """A folder's STATUS: what tells, without opening it, whether anything changed.
+    highestmodseq is None where the server has no CONDSTORE (RFC 7162): then a flag
+    change is visible only by listing the messages."""
+
+    uidvalidity: int | None
+    uidnext: int | None
+    messages: int | None
+    highestmodseq: int | None = None
+
+    def as_tuple(self) -> tuple[int | None, ...]:
+        return (self.uidvalidity, self.uidnext, self.messages, self.highestmodseq)
+
+
+def parse_status_response(parts: Sequence) -> tuple[str, FolderStatus] | None:
+    """One untagged STATUS answer as imaplib hands it over: [b'"INBOX.x" (MESSAGES 2
+    UIDNEXT 3 ...)'], or, for a name sent as a literal, [(b'{5}', b'INBOX'), b' (...)']
+    → (folder name, modified UTF-7 decoded; status)."""
+    try:
+        parsed = parse_response(list(parts))
+    except IMAPClientError:
+        return None
+    if len(parsed) < 2 or not isinstance(parsed[-1], tuple):
+        return None
+    name = parsed[0]
+    if isinstance(name, int):
+        name = str(name)
+    if isinstance(name, bytes):
+        name = decode_utf7(name)
+    items = parsed[-1]
+    values = {str(items[i].decode() if isinstance(items[i], bytes) else items[i]).upper():
+              items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+    def num(key):
+        v = values.get(key)
+        return int(v) if isinstance(v, int) or (isinstance(v, bytes) and v.isdigit()) else None
+    return name, FolderStatus(num("UIDVALIDITY"), num("UIDNEXT"), num("MESSAGES"),
+                              num("HIGHESTMODSEQ"))
 
 
 @dataclass(frozen=True)
@@ -247,6 +315,7 @@ class ImapSession:
         self.foreign_prefixes: tuple[str, ...] = ()
         self.delimiter, self.prefix = self._personal_namespace()
         self.selected: str | None = None
+        self._last_uidnext: int | None = None  # UIDNEXT of the selected folder
         self.dead = False
         self.fetch_refused: dict[int, str] = {}  # UID → why the server would not send it
         # keywords the server rejected ("BAD Unrecognized flag"): copied without them
@@ -395,6 +464,40 @@ class ImapSession:
             pass  # subscription is a convenience; the folder exists
 
     @_guard
+    def statuses(self, names: Iterable[str]) -> dict[str, FolderStatus]:
+        """STATUS of these folders in one round trip: LIST-STATUS (RFC 5819) where
+        offered, else one STATUS per folder, pipelined.  Folders the server would not
+        answer for (missing, no access) are left out."""
+        names = list(dict.fromkeys(names))
+        if not names:
+            return {}
+        items = "MESSAGES UIDNEXT UIDVALIDITY" + (" HIGHESTMODSEQ" if self.has("CONDSTORE")
+                                                  else "")
+        imap = self.client._imap
+        tags = []
+        if self.has("LIST-STATUS"):
+            tags.append(imap._command("LIST", '""', '"*"', f"RETURN (STATUS ({items}))"))
+        else:
+            tags.extend(imap._command("STATUS", self.client._normalise_folder(n), f"({items})")
+                        for n in names)
+        for tag in tags:
+            try:
+                imap._command_complete("STATUS", tag)
+            except IMAPClientAbortError:
+                raise
+            except IMAPClientError:
+                pass  # BAD for one folder (a name it will not take): not answered
+        imap.untagged_responses.pop("LIST", None)
+        _typ, data = imap._untagged_response("OK", [None], "STATUS")
+        wanted = set(names)
+        out = {}
+        for parts in _responses(data or ()):
+            parsed = parse_status_response(parts)
+            if parsed is not None and parsed[0] in wanted:
+                out[parsed[0]] = parsed[1]
+        return out
+
+    @_guard
     def select(self, name: str, readonly: bool) -> SelectInfo:
         for attempt in (1, 2):
             try:
@@ -413,6 +516,7 @@ class ImapSession:
                 raise FolderError(f"cannot open folder {name!r}: {_server_text(exc)}") \
                     from None
         self.selected = name
+        self._last_uidnext = int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None
         permanent = info.get(b"PERMANENTFLAGS")
         return SelectInfo(
             uidvalidity=int(info[b"UIDVALIDITY"]), exists=int(info.get(b"EXISTS", 0)),
@@ -427,10 +531,36 @@ class ImapSession:
         """Metadata of every message in the selected folder (no bodies)."""
         if not exists:
             return []
+        out = []
+        for window in self.uid_windows():
+            out.extend(self._list_range(window))
+        out.sort(key=lambda m: m.uid)
+        return out
+
+    def uid_windows(self, first: int = 1, size: int = LIST_WINDOW) -> Iterator[str]:
+        """UID ranges of ``size`` covering the selected folder from ``first`` on: the
+        last is open-ended ('n:*'), so nothing that arrives meanwhile is missed.  A
+        listing in windows keeps the server's answer, and our parse of it, small."""
+        uidnext = self._last_uidnext
+        start = first
+        while uidnext is not None and start + size < uidnext:
+            yield f"{start}:{start + size - 1}"
+            start += size
+        yield f"{start}:*"
+
+    @_guard
+    def list_range(self, uid_set: str) -> list[MessageMeta]:
+        """list_messages for one UID range (e.g. '5001:10000', '7:*')."""
+        return self._list_range(uid_set)
+
+    def _list_range(self, uid_set: str) -> list[MessageMeta]:
         data = self._fetch_range(
-            "1:*", "(UID RFC822.SIZE FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+            uid_set, "(UID RFC822.SIZE FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        low = int(uid_set.split(":")[0])
         out = []
         for uid, item in data.items():
+            if int(uid) < low:  # 'n:*' always answers the last message, even below n
+                continue
             # Courier names the field quoted: BODY[HEADER.FIELDS ("MESSAGE-ID")]
             header = next((v for k, v in item.items()
                            if isinstance(k, bytes) and k.startswith(b"BODY[HEADER.FIELDS")),
@@ -440,7 +570,6 @@ class ImapSession:
                 flags=copyable_flags(item.get(b"FLAGS", ())),
                 internaldate=item.get(b"INTERNALDATE"),
                 message_id=parse_message_id(header)))
-        out.sort(key=lambda m: m.uid)
         return out
 
     def _fetch_range(self, uid_set: str, items: str) -> dict:

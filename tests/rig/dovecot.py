@@ -102,11 +102,14 @@ class DovecotServer:
                  master_users: dict[str, str] | None = None,
                  oauth2_introspection_url: str | None = None,
                  oauth2_mechanisms: tuple[str, ...] = ("oauthbearer", "xoauth2"),
-                 cert_names: tuple[str, ...] = ("127.0.0.1", "localhost")):
+                 cert_names: tuple[str, ...] = ("127.0.0.1", "localhost"),
+                 extra_config: str = ""):
         self.name = name
         # the names the server's certificate covers (others: a certificate issued for
         # another name than the one the client connects with)
         self.cert_names = cert_names
+        # appended to dovecot.conf, e.g. an imap_capability without CONDSTORE
+        self.extra_config = extra_config
         # admin (master) users: name -> password; they log in on behalf of any user with
         # SASL PLAIN's authorization identity (off unless given)
         self.master_users = master_users or {}
@@ -279,6 +282,7 @@ service submission-login {{
 service managesieve-login {{
   chroot =
 }}
+{self.extra_config}
 """
 
     # --- lifecycle ---------------------------------------------------------------

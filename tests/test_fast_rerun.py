@@ -1,0 +1,243 @@
+"""imap-copy's folder-skipping shortcut (issue 10): a re-run opens only folders whose
+STATUS changed, and every change is still picked up.
+
+A folder is skipped only when both sides answer STATUS exactly as after the last clean
+sync, HIGHESTMODSEQ included, and nothing in it is unfinished.  These tests change one
+thing at a time at the source or destination (real Dovecot) and check that the change
+arrives, that only the changed folder is opened (SELECT/EXAMINE counted in the session),
+and that a server without CONDSTORE always takes the listing path with the same result.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from migrate.endpoints.imap import ImapSession
+from migrate.states import State
+from migrate.store import Store
+from tests.rig import mailgen
+from tests.rig.dovecot import DovecotServer, start_or_fail
+from tests.rig.jobs import imap_job, run, write_config
+
+NAMES = {"INBOX": "INBOX", "INBOX.Sent Messages": "Sent", "INBOX.Archive": "Archive",
+         "INBOX.Archive.2019": "Archive/2019", "INBOX.Entwürfe": "Entwürfe",
+         "INBOX.Projekte.Überblick": "Projekte/Überblick"}
+
+# Dovecot 2.3's capabilities after login, without CONDSTORE and QRESYNC (LIST-STATUS kept:
+# the STATUS round trip is the same, only HIGHESTMODSEQ is missing)
+NO_CONDSTORE = ("imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT "
+                "THREAD=REFERENCES MULTIAPPEND UNSELECT CHILDREN NAMESPACE UIDPLUS "
+                "LIST-EXTENDED I18NLEVEL=1 ESEARCH SEARCHRES WITHIN LIST-STATUS BINARY MOVE "
+                "LITERAL+ SPECIAL-USE QUOTA")
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """(port, folder) → how many times a job's session SELECTed/EXAMINEd it."""
+    counts: collections.Counter = collections.Counter()
+    real = ImapSession.select
+
+    def counting(self, name, readonly):
+        counts[(self.endpoint.port, name)] += 1
+        return real(self, name, readonly)
+
+    monkeypatch.setattr(ImapSession, "select", counting)
+    return counts
+
+
+def source_opened(opened, account) -> set[str]:
+    port = account.server.ports["imaps"]
+    return {name for (p, name), n in opened.items() if p == port and n}
+
+
+def content(account):
+    return {folder: collections.Counter((m.sha256, m.flags, m.internaldate) for m in msgs)
+            for folder, msgs in mailgen.snapshot(account).items()}
+
+
+def assert_same(old_account, new_account, names=NAMES):
+    old, new = content(old_account), content(new_account)
+    for src, dst in names.items():
+        assert new[dst] == old.get(src, collections.Counter()), f"{src} → {dst} differs"
+
+
+def copied_and_settled(old_account, new_account, tmp_path, opened, **extra):
+    mailgen.fill(old_account, mailgen.realistic_mailbox(count=24, big=False))
+    config = write_config(tmp_path / "config.toml",
+                          [imap_job("alice", old_account, new_account, **extra)])
+    first = run(config)
+    assert first.ok, first.errors
+    assert first.counts["copied"] == 24
+    opened.clear()
+    return config
+
+
+def test_unchanged_folders_are_not_opened_on_either_side(old_account, new_account, tmp_path,
+                                                         opened):
+    config = copied_and_settled(old_account, new_account, tmp_path, opened)
+    again = run(config)
+    assert again.ok, again.errors
+    assert again.counts.get("copied", 0) == 0 and again.counts["folders"] == len(NAMES)
+    assert sum(opened.values()) == 0, opened
+    assert_same(old_account, new_account)
+
+
+def test_flag_change_new_message_and_expunge_are_picked_up(old_account, new_account,
+                                                           tmp_path, opened):
+    config = copied_and_settled(old_account, new_account, tmp_path, opened)
+    client = mailgen.connect(old_account)
+    client.select_folder("INBOX.Archive")
+    uid = client.search("ALL")[0]
+    client.add_flags([uid], ["\\Flagged", "$Later"])
+    client.append("INBOX.Entwürfe", mailgen.make_message(random.Random(5),
+                                                         999)[0], flags=["\\Seen"])
+    client.logout()
+    mailgen.expunge_first(old_account, "INBOX.Archive.2019", 1)
+    result = run(config)
+    assert result.ok, result.errors
+    assert result.counts["flags_updated"] == 1
+    assert result.counts["copied"] == 1
+    assert result.counts["vanished"] == 1
+    assert source_opened(opened, old_account) == {"INBOX.Archive", "INBOX.Entwürfe",
+                                                  "INBOX.Archive.2019"}
+    # the expunged message's copy stays at the destination (no deletion asked for)
+    old, new = content(old_account), content(new_account)
+    assert sum(new["Archive/2019"].values()) == sum(old["INBOX.Archive.2019"].values()) + 1
+    assert_same(old_account, new_account,
+                {k: v for k, v in NAMES.items() if k != "INBOX.Archive.2019"})
+    opened.clear()
+    assert run(config).ok and sum(opened.values()) == 0
+
+
+def test_source_uidvalidity_change_is_reconciled_without_duplicates(old_account, new_account,
+                                                                    tmp_path, opened):
+    config = copied_and_settled(old_account, new_account, tmp_path, opened)
+    client = mailgen.connect(old_account)
+    before = client.folder_status("INBOX.Archive", ["UIDVALIDITY"])[b"UIDVALIDITY"]
+    client.select_folder("INBOX.Archive", readonly=True)
+    data = client.fetch(client.search("ALL"), ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"])
+    client.close_folder()
+    client.delete_folder("INBOX.Archive")
+    client.create_folder("INBOX.Archive")
+    for _uid, item in sorted(data.items()):
+        client.append("INBOX.Archive", item[b"BODY[]"],
+                      flags=[f for f in item[b"FLAGS"] if f != b"\\Recent"],
+                      msg_time=item[b"INTERNALDATE"])
+    after = client.folder_status("INBOX.Archive", ["UIDVALIDITY"])[b"UIDVALIDITY"]
+    client.logout()
+    assert after != before
+    result = run(config)
+    assert result.ok, result.errors
+    assert any("UIDVALIDITY changed" in w for w in result.warnings)
+    assert result.counts.get("copied", 0) == 0
+    assert result.counts["skipped"] == len(data)  # found at the destination by content
+    assert "INBOX.Archive" in source_opened(opened, old_account)
+    assert_same(old_account, new_account)
+
+
+def test_copy_deleted_at_the_destination_reopens_the_folder(old_account, new_account,
+                                                            tmp_path, opened):
+    config = copied_and_settled(old_account, new_account, tmp_path, opened)
+    mailgen.expunge_first(new_account, "Projekte/Überblick", 1)
+    result = run(config)
+    assert result.ok, result.errors
+    assert source_opened(opened, old_account) == {"INBOX.Projekte.Überblick"}
+    assert (new_account.server.ports["imaps"], "Projekte/Überblick") in opened
+
+
+def test_deletion_turned_on_later_still_deletes_from_unchanged_folders(
+        old_account, new_account, tmp_path, opened):
+    """The folders' STATUS is unchanged, but verified messages are work once
+    delete_after_verify is on: every folder is opened and emptied; an expunge by another
+    client meanwhile is recorded, not mistaken for a deletion of ours."""
+    copied_and_settled(old_account, new_account, tmp_path, opened)
+    before = content(old_account)
+    mailgen.expunge_first(old_account, "INBOX", 1)
+    config = write_config(tmp_path / "config.toml", [imap_job(
+        "alice", old_account, new_account, delete_after_verify=True)])
+    result = run(config)
+    assert result.ok, result.errors
+    assert result.counts["vanished"] == 1
+    assert result.counts["deleted"] == 24 - 1
+    assert source_opened(opened, old_account) == set(NAMES)
+    assert all(not c for c in content(old_account).values())
+    new = content(new_account)
+    for src, dst in NAMES.items():  # nothing lost: every original has its copy
+        assert new[dst] == before[src]
+    # a message arriving later is copied and deleted too; the others stay skipped
+    client = mailgen.connect(old_account)
+    client.append("INBOX.Archive", mailgen.make_message(random.Random(7),
+                                                        1234)[0])
+    client.logout()
+    later = run(config)
+    assert later.ok and later.counts["copied"] == 1 and later.counts["deleted"] == 1
+    assert sum(sum(c.values()) for c in content(new_account).values()) == 24 + 1
+    # our own expunges changed the source's STATUS: the next run lists once more, and
+    # then nothing is opened any more
+    assert run(config).ok
+    opened.clear()
+    quiet = run(config)
+    assert quiet.ok and not quiet.counts.get("copied") and not quiet.counts.get("deleted")
+    assert sum(opened.values()) == 0
+
+
+def test_retry_failed_reopens_a_folder_with_quarantined_messages(old_account, new_account,
+                                                                 tmp_path, opened):
+    config = copied_and_settled(old_account, new_account, tmp_path, opened)
+    url = f"sqlite:///{tmp_path / 'mailmigrate.db'}"
+    eng = create_engine(url)
+    with eng.begin() as conn:  # as if an earlier run had quarantined it
+        folder_id = conn.execute(text(
+            "SELECT id FROM folders WHERE source_name = 'INBOX.Archive'")).scalar()
+        conn.execute(text("UPDATE messages SET state = 'quarantined', last_error = 'x' "
+                          "WHERE id = (SELECT min(id) FROM messages WHERE folder_id = :f)"),
+                     {"f": folder_id})
+    eng.dispose()
+    quiet = run(config)  # quarantined: left alone until --retry-failed, so not opened
+    assert quiet.ok, quiet.errors
+    assert sum(opened.values()) == 0
+    result = run(config, retry_failed=True)
+    assert result.ok, result.errors
+    assert source_opened(opened, old_account) == {"INBOX.Archive"}
+    store = Store(url)
+    try:
+        states = collections.Counter(r.state for r in store.messages(folder_id).values())
+    finally:
+        store.close()
+    assert states == {State.VERIFIED: 4}
+
+
+@pytest.fixture(scope="module")
+def plain_host(test_ca):
+    server = start_or_fail(DovecotServer("plain", ".", test_ca, inbox_prefix=True,
+                                         special_use={"Sent Messages": "\\Sent"},
+                                         extra_config=NO_CONDSTORE))
+    yield server
+    server.cleanup()
+
+
+def test_without_condstore_every_folder_is_listed_with_the_same_result(
+        plain_host, new_account, tmp_path, opened):
+    old_account = plain_host.add_user("plain@old.test", "plain-pw-1234")
+    client = mailgen.connect(old_account)
+    caps = set(client.capabilities())
+    client.logout()
+    assert b"CONDSTORE" not in caps and b"QRESYNC" not in caps
+    config = copied_and_settled(old_account, new_account, tmp_path, opened)
+    again = run(config)
+    assert again.ok and again.counts.get("copied", 0) == 0
+    assert source_opened(opened, old_account) == set(NAMES)  # the slow path, every time
+    client = mailgen.connect(old_account)
+    client.select_folder("INBOX.Archive")
+    client.add_flags([client.search("ALL")[0]], ["\\Flagged"])
+    client.logout()
+    mailgen.expunge_first(old_account, "INBOX.Archive.2019", 1)
+    result = run(config)
+    assert result.ok, result.errors
+    assert result.counts["flags_updated"] == 1 and result.counts["vanished"] == 1
+    assert_same(old_account, new_account,
+                {k: v for k, v in NAMES.items() if k != "INBOX.Archive.2019"})
