@@ -49,7 +49,6 @@ class FolderRun:
     plan: FolderPlan
     folder_id: int | None = None
     uidvalidity: int | None = None
-    present: set[int] = field(default_factory=set)
     error: str | None = None
     # source UIDs of a batch whose FETCH broke the connection (read alone after the
     # reconnect), and those that broke it on their own (skipped)
@@ -73,6 +72,20 @@ class _FolderCopy:
     by_uid: dict[int, MessageMeta]
     dest_index: dict
     claimed: set[int]
+
+
+@dataclass
+class _FolderTally:
+    """One folder's sync summed over its UID windows."""
+
+    listed: int = 0
+    pending: int = 0
+    vanished: int = 0
+    quarantined: int = 0
+    quarantined_example: MessageRow | None = None
+    touched: bool = False  # the destination was changed (appends, flags)
+    unsettled: bool = False  # work left for the next run
+    copy_context: _FolderCopy | None = None
 
 
 class _Stopped(MigrateError):
@@ -327,7 +340,7 @@ class ImapCopy(JobRunner):
                 log.info("%s: folder %r unchanged since the last run (STATUS); not opened",
                          self.job.name, fr.plan.source)
 
-    def _save_status(self, dst: ImapSession, fr: FolderRun, rows: dict[str, MessageRow],
+    def _save_status(self, dst: ImapSession, fr: FolderRun, unsettled: bool,
                      touched: bool) -> None:
         """After a clean sync: both sides' STATUS for the next run's comparison.  The
         source's is the one from before the listing (whatever arrived since makes the
@@ -340,10 +353,8 @@ class ImapCopy(JobRunner):
             dst_now = dst.statuses([fr.plan.destination]).get(fr.plan.destination)
         if dst_now is None:
             return
-        work = set(self._unsettled_states())
-        settled = not any(r.state in work for r in rows.values())
         self.store.save_folder_status(fr.folder_id, src_now.as_tuple(), dst_now.as_tuple(),
-                                      settled)
+                                      not unsettled)
 
     def _folder_with_retry(self, pool: SessionPool, fr: FolderRun, progress: Progress
                            ) -> None:
@@ -365,12 +376,11 @@ class ImapCopy(JobRunner):
 
     def _sync_folder(self, src: ImapSession, dst: ImapSession, fr: FolderRun,
                      progress: Progress) -> None:
+        """One folder, in windows of source UIDs (listing, state rows, copying and flags
+        one window at a time), so that memory does not grow with the folder."""
         plan = fr.plan
         sel = src.select(plan.source, readonly=True)  # EXAMINE: never sets \Seen
-        metas = src.list_messages(sel.exists)
-        by_uid = {m.uid: m for m in metas}
         fr.uidvalidity = sel.uidvalidity
-        fr.present = set(by_uid)
 
         dsel = self._select_destination(dst, plan)
         frow = self.store.folder(self.job_id, plan.source) if self.job_id else None
@@ -383,19 +393,52 @@ class ImapCopy(JobRunner):
                                             sel.uidvalidity, dsel.uidvalidity if dsel else None)
             fr.folder_id = frow.id
             self.store.forget_folder_status(frow.id)  # skipped again only after a clean sync
+        tally = _FolderTally()
+        for window in src.uid_windows():
+            self._sync_window(src, dst, fr, sel, dsel, frow, window, tally, progress)
+
+        if tally.vanished:
+            self.warn(
+                f"folder {plan.source!r}: {plural(tally.vanished, 'message')} vanished from "
+                "the source since the last run without mailmigrate deleting them; another "
+                "client (often a POP3 client) is deleting mail from this mailbox")
+        if tally.quarantined and not self.dry:
+            example = tally.quarantined_example
+            self.warn(f"folder {plan.source!r}: {plural(tally.quarantined, 'message')} "
+                      "quarantined by earlier runs (not retried by themselves; "
+                      "`mailmigrate run --retry-failed` tries again), e.g. UID "
+                      f"{example.source_uid}: {example.last_error}")
+        if self.dry:  # the engine plans dry runs with migrate.report instead
+            return
+        self._save_status(dst, fr, tally.unsettled, touched=tally.touched)
+        log.info("%s: folder %r → %r: %d messages at the source, %d pending this run",
+                 self.job.name, plan.source, plan.destination, tally.listed, tally.pending)
+
+    def _sync_window(self, src: ImapSession, dst: ImapSession, fr: FolderRun,
+                     sel: SelectInfo, dsel: SelectInfo | None, frow, window: str,
+                     tally: _FolderTally, progress: Progress) -> None:
+        """Source UIDs in ``window`` ('a:b', or 'a:*' for the last): list them, record the
+        new ones, reconcile with their state rows, copy what is pending, follow flags."""
+        plan = fr.plan
+        metas = src.list_range(window)
+        by_uid = {m.uid: m for m in metas}
+        tally.listed += len(metas)
+        low, _, high = window.partition(":")
+        if not self.dry:
             self.store.add_messages(frow.id, [
                 {"source_key": source_key(sel.uidvalidity, m.uid),
                  "source_uidvalidity": sel.uidvalidity, "source_uid": m.uid,
                  "size": m.size, "message_id": m.message_id, "flags": m.flags,
                  "internaldate": m.internaldate} for m in metas])
-        prefix = f"{sel.uidvalidity}:"
-        rows = {k: r for k, r in (self.store.messages(frow.id) if frow else {}).items()
-                if k.startswith(prefix)}
+        rows = self.store.messages_in_uid_range(
+            frow.id, sel.uidvalidity, int(low), None if high == "*" else int(high)) \
+            if frow else {}
+        del metas
         if self.dry:  # rows for messages no earlier run has seen
-            for m in metas:
+            for m in by_uid.values():
                 rows.setdefault(source_key(sel.uidvalidity, m.uid), _fresh_row(m))
 
-        self._reconcile_vanished(plan, rows, by_uid)
+        tally.vanished += self._reconcile_vanished(plan, rows, by_uid)
         if not self.dry and not self.job.delete_after_verify:
             # left "deleting" by a run with deletion on; deletion is off now: keep them
             undo = [r for r in rows.values() if r.state == State.DELETING]
@@ -403,6 +446,7 @@ class ImapCopy(JobRunner):
             for r in undo:
                 r.state = State.VERIFIED
         here = [r for r in rows.values() if r.source_uid in by_uid]
+        known: list[MessageRow] = []
         if not self.dry:
             self._refind_after_destination_reset(fr, dsel, here)
             self._quarantine_repeated_failures(fr, here)
@@ -427,36 +471,36 @@ class ImapCopy(JobRunner):
                                                          State.FAILED, State.COPIED)),
                          key=lambda r: r.source_uid)
         quarantined = [r for r in here if r.state == State.QUARANTINED]
-        if quarantined and not self.dry:
-            self.warn(f"folder {plan.source!r}: {plural(len(quarantined), 'message')} "
-                      "quarantined by earlier runs (not retried by themselves; "
-                      "`mailmigrate run --retry-failed` tries again), e.g. UID "
-                      f"{quarantined[0].source_uid}: {quarantined[0].last_error}")
+        if quarantined:
+            tally.quarantined += len(quarantined)
+            tally.quarantined_example = tally.quarantined_example or quarantined[0]
+        tally.pending += len(pending)
         progress.grow(len(pending))
 
         if self.dry:  # the engine plans dry runs with migrate.report instead
             return
         assert dsel is not None
         if pending:
-            self._copy_pending(src, dst, fr, dsel, pending, by_uid, progress)
+            if tally.copy_context is None:
+                tally.copy_context = self._copy_context(src, dst, fr, dsel, by_uid)
+            tally.copy_context.by_uid = by_uid
+            self._copy_pending(src, dst, fr, dsel, pending, by_uid, progress,
+                               ctx=tally.copy_context)
         flags_changed = self._sync_flags(dst, plan, dsel, rows, by_uid)
-        self._save_status(dst, fr, rows, touched=bool(pending or known or flags_changed))
-        log.info("%s: folder %r → %r: %d messages at the source, %d pending this run",
-                 self.job.name, plan.source, plan.destination, len(metas), len(pending))
+        tally.touched = tally.touched or bool(pending or known or flags_changed)
+        work = set(self._unsettled_states())
+        tally.unsettled = tally.unsettled or any(r.state in work for r in rows.values())
 
     def _select_destination(self, dst: ImapSession, plan: FolderPlan) -> SelectInfo | None:
         if self.dry and plan.create:
             return None  # would be created; nothing there yet
         return dst.select(plan.destination, readonly=self.dry)
 
-    def _reconcile_vanished(self, plan, rows: dict[str, MessageRow], by_uid) -> None:
+    def _reconcile_vanished(self, plan, rows: dict[str, MessageRow], by_uid) -> int:
+        """Rows back at the source are revived, rows gone from it settled; returns how
+        many vanished (reported once per folder by the caller)."""
         self.revive([r for r in rows.values() if r.source_uid in by_uid])
-        vanished = self.settle_missing([r for r in rows.values() if r.source_uid not in by_uid])
-        if vanished:
-            self.warn(
-                f"folder {plan.source!r}: {plural(vanished, 'message')} vanished from the "
-                "source since the last run without mailmigrate deleting them; another "
-                "client (often a POP3 client) is deleting mail from this mailbox")
+        return self.settle_missing([r for r in rows.values() if r.source_uid not in by_uid])
 
     def _refind_after_destination_reset(self, fr: FolderRun, dsel: SelectInfo,
                                         rows: list[MessageRow]) -> None:
@@ -501,18 +545,26 @@ class ImapCopy(JobRunner):
 
     # --- copying -----------------------------------------------------------------
 
-    def _copy_pending(self, src, dst, fr, dsel, pending, by_uid, progress) -> None:
+    def _copy_context(self, src, dst, fr, dsel, by_uid) -> _FolderCopy:
+        """What every batch of a folder needs; made once per folder (the folder is
+        synced in UID windows, the destination is listed once)."""
         # What the destination already holds, for duplicate detection: Message-ID (or,
         # without one, the size) → copies there.  Sizes come from the real bytes on our
         # side, so a source whose RFC822.SIZE is not exact still finds its copies.
         dest_index: dict[tuple[str | None, int | None], list[MessageMeta]] = defaultdict(list)
-        for m in dst.list_messages(dsel.exists):
-            dest_index[_dup_key(m.message_id, m.size)].append(m)
+        if dsel.exists:
+            for window in dst.uid_windows():
+                for m in dst.list_range(window):
+                    dest_index[_dup_key(m.message_id, m.size)].append(m)
         # Copies that belong to a message of this job - any folder, any state - are
         # never taken as another message's duplicate.
         claimed = self.store.claimed_destination_uids(
             self.job_id, fr.plan.destination, dsel.uidvalidity, fr.folder_id, fr.uidvalidity)
-        ctx = _FolderCopy(src, dst, fr, dsel, by_uid, dest_index, claimed)
+        return _FolderCopy(src, dst, fr, dsel, by_uid, dest_index, claimed)
+
+    def _copy_pending(self, src, dst, fr, dsel, pending, by_uid, progress,
+                      ctx: _FolderCopy | None = None) -> None:
+        ctx = ctx or self._copy_context(src, dst, fr, dsel, by_uid)
         for row in [r for r in pending if r.source_uid in fr.poisoned]:
             self._fail(fr, [(row, "the source server dropped the connection every time this "
                                   "message was read; skipped, the other messages go on")])
@@ -1008,8 +1060,10 @@ class ImapCopy(JobRunner):
                 # never delete from a folder whose sync did not finish cleanly, nor from
                 # another user's or a public folder
                 continue
-            rows = [r for k, r in self.store.messages(fr.folder_id).items()
-                    if k.startswith(f"{fr.uidvalidity}:") and r.source_uid in fr.present]
+            # rows of messages gone from the source were settled (vanished, deleted)
+            # by the sync; look_again checks the source once more before deleting
+            rows = [r for k, r in self.store.messages(fr.folder_id, deletion.DELETABLE).items()
+                    if k.startswith(f"{fr.uidvalidity}:")]
             work.append((fr, deletion.candidates(rows, self.store.clock(), True, None)))
 
         def run_unit(fr: FolderRun, rows: list[MessageRow]) -> None:

@@ -172,6 +172,8 @@ messages = Table(
     # size too: `mailmigrate status` sums messages and bytes by state from the index
     # alone, without reading the table (schema 3; it replaced (folder_id, state))
     Index("ix_messages_folder_state_size", "folder_id", "state", "size"),
+    # imap-copy reads a folder's rows by source UID window (schema 4)
+    Index("ix_messages_folder_uid", "folder_id", "source_uid"),
 )
 
 # imap-copy's folder-skipping shortcut (schema 4): both sides' STATUS as a run that
@@ -758,6 +760,18 @@ class Store:
         with self.engine.connect() as conn:
             return {r.source_key: _message_row(r) for r in conn.execute(q)}
 
+    def messages_in_uid_range(self, folder_id: int, uidvalidity: int, low: int,
+                              high: int | None) -> dict[str, MessageRow]:
+        """The messages of one source UIDVALIDITY with low <= UID <= high (no upper
+        bound for None): a large folder is worked through in such windows."""
+        q = select(messages).where(messages.c.folder_id == folder_id,
+                                   messages.c.source_uidvalidity == uidvalidity,
+                                   messages.c.source_uid >= low)
+        if high is not None:
+            q = q.where(messages.c.source_uid <= high)
+        with self.engine.connect() as conn:
+            return {r.source_key: _message_row(r) for r in conn.execute(q)}
+
     def add_messages(self, folder_id: int, rows: Sequence[dict]) -> dict[str, int]:
         """Insert newly discovered messages in state ``seen``; returns source_key → id.
 
@@ -1026,10 +1040,11 @@ def _upgrade(conn, version: int) -> None:
                              "ON messages (folder_id, state, size)")
         conn.exec_driver_sql("DROP INDEX IF EXISTS ix_messages_folder_state")
     if version < 4:
-        # folder_status is a new table, made by create_all() before this runs; nothing in
-        # the old tables changes.  Every folder starts without a saved status: the first
-        # run after the upgrade lists every folder, as before.
-        pass
+        # folder_status is a new table, made by create_all() before this runs.  Every
+        # folder starts without a saved status: the first run after the upgrade lists
+        # every folder, as before.
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_messages_folder_uid "
+                             "ON messages (folder_id, source_uid)")
     conn.execute(update(meta).where(meta.c.key == "schema_version")
                  .values(value=str(SCHEMA_VERSION)))
 

@@ -241,3 +241,43 @@ def test_without_condstore_every_folder_is_listed_with_the_same_result(
     assert result.counts["flags_updated"] == 1 and result.counts["vanished"] == 1
     assert_same(old_account, new_account,
                 {k: v for k, v in NAMES.items() if k != "INBOX.Archive.2019"})
+
+
+def test_folders_larger_than_a_listing_window(old_account, new_account, tmp_path, opened,
+                                              monkeypatch):
+    """With 3 UIDs per window every folder spans several: new messages, an expunge and a
+    flag change in different windows all arrive, the dry run counts them once, and a
+    message copied by an interrupted run is found again, not appended twice."""
+    monkeypatch.setattr("migrate.endpoints.imap.LIST_WINDOW", 3)
+    config = copied_and_settled(old_account, new_account, tmp_path, opened)
+    client = mailgen.connect(old_account)
+    client.select_folder("INBOX")
+    uids = client.search("ALL")
+    client.add_flags([uids[-1]], ["$Late"])
+    rng = random.Random(11)
+    for i in range(5):
+        client.append("INBOX", mailgen.make_message(rng, 500 + i)[0])
+    client.logout()
+    mailgen.expunge_first(old_account, "INBOX", 1)
+    plan = run(config, dry_run=True)
+    assert plan.counts["would_copy"] == 5 and plan.counts["flags_updated"] == 1
+    assert sum("INBOX' → 'INBOX': 5 to copy" in line for line in plan.plan) == 1
+    result = run(config)
+    assert result.ok, result.errors
+    assert (result.counts["copied"], result.counts["flags_updated"],
+            result.counts["vanished"]) == (5, 1, 1)
+    assert [w for w in result.warnings if "vanished" in w] == [
+        "folder 'INBOX': 1 message vanished from the source since the last run without "
+        "mailmigrate deleting them; another client (often a POP3 client) is deleting mail "
+        "from this mailbox"]
+    old, new = content(old_account), content(new_account)
+    assert sum(new["INBOX"].values()) == sum(old["INBOX"].values()) + 1  # the expunged one
+    assert_same(old_account, new_account, {k: v for k, v in NAMES.items() if k != "INBOX"})
+    # a fresh state database: every copy is found at the destination across windows
+    fresh = write_config(tmp_path / "fresh.toml",
+                         [imap_job("alice", old_account, new_account)],
+                         state_url=f"sqlite:///{tmp_path / 'fresh.db'}")
+    again = run(fresh)
+    assert again.ok, again.errors
+    assert again.counts.get("copied", 0) == 0
+    assert again.counts["skipped"] == sum(sum(c.values()) for c in old.values())

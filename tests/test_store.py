@@ -274,12 +274,18 @@ def test_version_3_database_is_upgraded_to_4_in_place(tmp_path):
     eng = create_engine(url)
     with eng.begin() as conn:
         conn.execute(text("DROP TABLE folder_status"))
+        conn.execute(text("DROP INDEX ix_messages_folder_uid"))
         conn.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
     assert "folder_status" not in inspect(eng).get_table_names()
     s = Store(url)
     try:
         assert s.schema_version() == SCHEMA_VERSION == 4
         assert "folder_status" in inspect(eng).get_table_names()
+        assert "ix_messages_folder_uid" in {ix["name"] for ix in inspect(eng).get_indexes(
+            "messages")}
+        assert set(s.messages_in_uid_range(folder.id, 42, 2, None)) == {"42:2", "42:3"}
+        assert set(s.messages_in_uid_range(folder.id, 42, 1, 2)) == {"42:1", "42:2"}
+        assert s.messages_in_uid_range(folder.id, 41, 1, None) == {}
         assert len(s.messages(folder.id)) == 3
         assert s.saved_statuses(job_id) == {}
         s.save_folder_status(folder.id, (42, 4, 3, None), (9, 4, 3, None), True)

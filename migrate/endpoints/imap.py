@@ -537,10 +537,11 @@ class ImapSession:
         out.sort(key=lambda m: m.uid)
         return out
 
-    def uid_windows(self, first: int = 1, size: int = LIST_WINDOW) -> Iterator[str]:
+    def uid_windows(self, first: int = 1, size: int | None = None) -> Iterator[str]:
         """UID ranges of ``size`` covering the selected folder from ``first`` on: the
         last is open-ended ('n:*'), so nothing that arrives meanwhile is missed.  A
         listing in windows keeps the server's answer, and our parse of it, small."""
+        size = size or LIST_WINDOW
         uidnext = self._last_uidnext
         start = first
         while uidnext is not None and start + size < uidnext:
