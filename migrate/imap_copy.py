@@ -10,6 +10,7 @@ messages only.  Folders run in parallel, one connection pair per worker.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import logging
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from . import deletion, faults
 from .config import Job
 from .deletion import LookedAgain
-from .endpoints.imap import AppendItem, FolderStatus, ImapSession, MessageMeta, SelectInfo
+from .endpoints.imap import (AppendItem, FolderStatus, ImapSession, MessageMeta, SelectInfo,
+                             uid_set_text)
 from .limits import SlotWaitStopped
 from .results import plural
 from .runner import BackoffAccount, JobRunner, Progress, RunOptions, over_quota, retrying
@@ -72,6 +74,15 @@ class _FolderCopy:
     by_uid: dict[int, MessageMeta]
     dest_index: dict
     claimed: set[int]
+
+
+@dataclass
+class _Changes:
+    """A changed folder seen through CONDSTORE (see ImapCopy._changes_since)."""
+
+    uidnext: int  # the last clean sync's UIDNEXT: from here on, everything is listed
+    present: list[int]  # UIDs below it still at the source, ascending
+    flags: dict[int, frozenset[str]]  # UID → flags changed since that sync
 
 
 @dataclass
@@ -326,6 +337,8 @@ class ImapCopy(JobRunner):
         if not saved:
             return
         unsettled = self.store.unsettled_folders(self.job_id, self._unsettled_states())
+        # for _changes_since: a changed folder lists only what changed
+        self._saved, self._unsettled = saved, unsettled
         for fr in runs:
             s = saved.get(fr.plan.source)
             src_now, dst_now = fr.source_status, fr.destination_status
@@ -394,8 +407,10 @@ class ImapCopy(JobRunner):
             fr.folder_id = frow.id
             self.store.forget_folder_status(frow.id)  # skipped again only after a clean sync
         tally = _FolderTally()
+        changes = self._changes_since(src, fr, sel, dsel, frow)
         for window in src.uid_windows():
-            self._sync_window(src, dst, fr, sel, dsel, frow, window, tally, progress)
+            metas = self._window_metas(src, sel, frow, window, changes)
+            self._sync_window(src, dst, fr, sel, dsel, frow, window, metas, tally, progress)
 
         if tally.vanished:
             self.warn(
@@ -414,13 +429,69 @@ class ImapCopy(JobRunner):
         log.info("%s: folder %r → %r: %d messages at the source, %d pending this run",
                  self.job.name, plan.source, plan.destination, tally.listed, tally.pending)
 
+    def _changes_since(self, src: ImapSession, fr: FolderRun, sel: SelectInfo,
+                       dsel: SelectInfo | None, frow) -> _Changes | None:
+        """For a changed folder that was settled after the last clean sync, on both sides
+        the same UIDVALIDITY as then and CONDSTORE at the source: which of the messages
+        known then are still there (UID SEARCH), whose flags changed since that sync's
+        HIGHESTMODSEQ (CHANGEDSINCE), and from which UID on messages are new.  None:
+        list everything."""
+        s = getattr(self, "_saved", {}).get(fr.plan.source)
+        if (s is None or not s.settled or frow is None or s.folder_id != frow.id
+                or s.folder_id in getattr(self, "_unsettled", ())
+                or s.destination_name != fr.plan.destination or not src.has("CONDSTORE")
+                or s.source[0] != sel.uidvalidity or frow.uidvalidity != sel.uidvalidity
+                or dsel is None or s.destination[0] != dsel.uidvalidity
+                or s.source[1] is None or s.source[3] is None):
+            return None
+        uidnext, modseq = s.source[1], s.source[3]
+        present = src.uids_up_to(uidnext - 1)
+        flags = src.flags_changed_since(modseq, uidnext - 1)
+        log.info("%s: folder %r: %d known messages, %d with flags changed since MODSEQ %d; "
+                 "listing from UID %d on", self.job.name, fr.plan.source, len(present),
+                 len(flags), modseq, uidnext)
+        return _Changes(uidnext, present, flags)
+
+    def _window_metas(self, src: ImapSession, sel: SelectInfo, frow, window: str,
+                      changes: _Changes | None) -> list[MessageMeta]:
+        """The source's messages in ``window``: listed, or - below the last sync's
+        UIDNEXT, when ``changes`` says what changed - taken from the state rows of
+        settled messages (size, date, Message-ID do not change; flags from CHANGEDSINCE)
+        and listed only for the others."""
+        if changes is None:
+            return src.list_range(window)
+        low_text, _, high_text = window.partition(":")
+        low, high = int(low_text), None if high_text == "*" else int(high_text)
+        metas: list[MessageMeta] = []
+        if low < changes.uidnext:
+            top = changes.uidnext - 1 if high is None else min(high, changes.uidnext - 1)
+            present = changes.present[bisect.bisect_left(changes.present, low):
+                                      bisect.bisect_right(changes.present, top)]
+            rows = {r.source_uid: r for r in self.store.messages_in_uid_range(
+                frow.id, sel.uidvalidity, low, top).values()}
+            need = []
+            for uid in present:
+                r = rows.get(uid)
+                if r is not None and r.state in (State.VERIFIED, State.DELETING):
+                    metas.append(MessageMeta(uid, r.size, changes.flags.get(uid, r.flags),
+                                             r.internaldate, r.message_id))
+                else:  # unknown, or back after it vanished: its real metadata
+                    need.append(uid)
+            for chunk in _chunks(need, 500):
+                metas.extend(src.list_range(uid_set_text(chunk)))
+        if high is None or high >= changes.uidnext:
+            start = max(low, changes.uidnext)
+            metas.extend(src.list_range(f"{start}:{'*' if high is None else high}"))
+        return metas
+
     def _sync_window(self, src: ImapSession, dst: ImapSession, fr: FolderRun,
                      sel: SelectInfo, dsel: SelectInfo | None, frow, window: str,
-                     tally: _FolderTally, progress: Progress) -> None:
-        """Source UIDs in ``window`` ('a:b', or 'a:*' for the last): list them, record the
-        new ones, reconcile with their state rows, copy what is pending, follow flags."""
+                     metas: list[MessageMeta], tally: _FolderTally, progress: Progress
+                     ) -> None:
+        """Source UIDs in ``window`` ('a:b', or 'a:*' for the last), ``metas`` the
+        messages there: record the new ones, reconcile with their state rows, copy what
+        is pending, follow flags."""
         plan = fr.plan
-        metas = src.list_range(window)
         by_uid = {m.uid: m for m in metas}
         tally.listed += len(metas)
         low, _, high = window.partition(":")

@@ -11,6 +11,7 @@ and that a server without CONDSTORE always takes the listing path with the same 
 from __future__ import annotations
 
 import collections
+import logging
 import random
 
 import pytest
@@ -87,8 +88,9 @@ def test_unchanged_folders_are_not_opened_on_either_side(old_account, new_accoun
 
 
 def test_flag_change_new_message_and_expunge_are_picked_up(old_account, new_account,
-                                                           tmp_path, opened):
+                                                           tmp_path, opened, caplog):
     config = copied_and_settled(old_account, new_account, tmp_path, opened)
+    caplog.set_level(logging.INFO, logger="migrate.imap_copy")
     client = mailgen.connect(old_account)
     client.select_folder("INBOX.Archive")
     uid = client.search("ALL")[0]
@@ -104,6 +106,11 @@ def test_flag_change_new_message_and_expunge_are_picked_up(old_account, new_acco
     assert result.counts["vanished"] == 1
     assert source_opened(opened, old_account) == {"INBOX.Archive", "INBOX.Entwürfe",
                                                   "INBOX.Archive.2019"}
+    # CONDSTORE: the changed folders were not listed whole, only what changed
+    incremental = [r.getMessage() for r in caplog.records if "since MODSEQ" in r.getMessage()]
+    assert len(incremental) == 3, incremental
+    assert any("'INBOX.Archive': 4 known messages, 1 with flags changed" in m
+               for m in incremental), incremental
     # the expunged message's copy stays at the destination (no deletion asked for)
     old, new = content(old_account), content(new_account)
     assert sum(new["Archive/2019"].values()) == sum(old["INBOX.Archive.2019"].values()) + 1

@@ -138,6 +138,20 @@ def parse_body_fetch(data: Sequence) -> dict[int, bytes]:
     return out
 
 
+_ESEARCH_ALL_RE = re.compile(rb"\bALL ([0-9:,]+)", re.IGNORECASE)
+
+
+def parse_esearch_all(data: Iterable) -> list[int]:
+    """UIDs from untagged ESEARCH answers ('(TAG "A5") UID ALL 1:3,7'); none: []."""
+    out: list[int] = []
+    for line in data:
+        if isinstance(line, bytes):
+            m = _ESEARCH_ALL_RE.search(line)
+            if m:
+                out.extend(parse_uid_set(m.group(1)))
+    return out
+
+
 def _responses(data: Iterable) -> Iterator[list]:
     """imaplib's untagged data → one list per response: a literal arrives as a
     (head, literal) tuple, and the rest of its line as the next bytes item."""
@@ -557,10 +571,11 @@ class ImapSession:
     def _list_range(self, uid_set: str) -> list[MessageMeta]:
         data = self._fetch_range(
             uid_set, "(UID RFC822.SIZE FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
-        low = int(uid_set.split(":")[0])
+        # 'n:*' always answers the last message, even one below n
+        low = int(uid_set.split(":")[0]) if uid_set.endswith(":*") else 0
         out = []
         for uid, item in data.items():
-            if int(uid) < low:  # 'n:*' always answers the last message, even below n
+            if int(uid) < low:
                 continue
             # Courier names the field quoted: BODY[HEADER.FIELDS ("MESSAGE-ID")]
             header = next((v for k, v in item.items()
@@ -572,6 +587,38 @@ class ImapSession:
                 internaldate=item.get(b"INTERNALDATE"),
                 message_id=parse_message_id(header)))
         return out
+
+    @_guard
+    def flags_changed_since(self, modseq: int, upto: int) -> dict[int, frozenset[str]]:
+        """UID → FLAGS of the messages with UID <= upto whose flags changed after
+        ``modseq`` (RFC 7162 CHANGEDSINCE; the server needs CONDSTORE)."""
+        if upto < 1:
+            return {}
+        data = self._fetch_range(f"1:{upto}", f"(UID FLAGS) (CHANGEDSINCE {modseq})")
+        return {int(u): copyable_flags(it.get(b"FLAGS", ())) for u, it in data.items()
+                if int(u) <= upto}
+
+    @_guard
+    def uids_up_to(self, upto: int) -> list[int]:
+        """The UIDs <= upto in the selected folder, ascending: with ESEARCH (RFC 4731)
+        as a compressed set, else the plain SEARCH answer."""
+        if upto < 1:
+            return []
+        imap = self.client._imap
+        try:
+            if self.has("ESEARCH"):
+                tag = imap._command("UID", "SEARCH", "RETURN", "(ALL)", "UID", f"1:{upto}")
+                typ, data = imap._command_complete("SEARCH", tag)
+                self.client._checkok("search", typ, data)
+                _typ, data = imap._untagged_response(typ, data, "ESEARCH")
+                return sorted(u for u in parse_esearch_all(data or ()) if u <= upto)
+            found = self.client.search(["UID", f"1:{upto}"])
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            raise FolderError(f"the server refused to search {self.selected!r}: "
+                              f"{_server_text(exc)}") from None
+        return sorted(int(u) for u in found if int(u) <= upto)
 
     def _fetch_range(self, uid_set: str, items: str) -> dict:
         """UID FETCH over a uid-set string such as '1:*'.  imapclient's fetch() filters
