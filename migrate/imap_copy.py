@@ -314,8 +314,9 @@ class ImapCopy(JobRunner):
 
     def _unsettled_states(self) -> list[State]:
         """States that leave work for a folder's next sync: pending, deleting, and with
-        deletion on, verified (to delete)."""
-        states = set(PENDING) | {State.DELETING}
+        deletion on, verified (to delete).  Quarantined too: every run reports them, and
+        lists their folder (as before the shortcut)."""
+        states = set(PENDING) | {State.DELETING, State.QUARANTINED}
         if self.job.delete_after_verify:
             states.add(State.VERIFIED)
         return sorted(states)
@@ -324,8 +325,7 @@ class ImapCopy(JobRunner):
         """Mark the folders that need no work: source and destination answer STATUS
         exactly as after the last clean sync, HIGHESTMODSEQ included (without CONDSTORE
         at the source a flag change shows only in a listing: never skipped), and the
-        folder holds no unfinished message (--retry-failed makes quarantined ones
-        unfinished before this runs)."""
+        folder holds no unfinished or quarantined message."""
         seen_src, seen_dst = getattr(self, "_statuses", ({}, {}))
         for fr in runs:
             fr.source_status = seen_src.get(fr.plan.source)

@@ -192,7 +192,7 @@ def test_deletion_turned_on_later_still_deletes_from_unchanged_folders(
     assert sum(opened.values()) == 0
 
 
-def test_retry_failed_reopens_a_folder_with_quarantined_messages(old_account, new_account,
+def test_quarantined_messages_keep_their_folder_listed_and_retry_failed_copies_them(old_account, new_account,
                                                                  tmp_path, opened):
     config = copied_and_settled(old_account, new_account, tmp_path, opened)
     url = f"sqlite:///{tmp_path / 'mailmigrate.db'}"
@@ -204,9 +204,12 @@ def test_retry_failed_reopens_a_folder_with_quarantined_messages(old_account, ne
                           "WHERE id = (SELECT min(id) FROM messages WHERE folder_id = :f)"),
                      {"f": folder_id})
     eng.dispose()
-    quiet = run(config)  # quarantined: left alone until --retry-failed, so not opened
-    assert quiet.ok, quiet.errors
-    assert sum(opened.values()) == 0
+    left = run(config)  # quarantined: reported by every run, left alone
+    assert left.ok, left.errors
+    assert any("quarantined by earlier runs" in w for w in left.warnings)
+    assert source_opened(opened, old_account) == {"INBOX.Archive"}
+    assert left.counts.get("copied", 0) == 0
+    opened.clear()
     result = run(config, retry_failed=True)
     assert result.ok, result.errors
     assert source_opened(opened, old_account) == {"INBOX.Archive"}
