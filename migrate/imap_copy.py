@@ -445,8 +445,10 @@ class ImapCopy(JobRunner):
                 or s.source[1] is None or s.source[3] is None):
             return None
         uidnext, modseq = s.source[1], s.source[3]
-        present = src.uids_up_to(uidnext - 1)
         flags = src.flags_changed_since(modseq, uidnext - 1)
+        if flags is None:
+            return None
+        present = src.uids_up_to(uidnext - 1)
         log.info("%s: folder %r: %d known messages, %d with flags changed since MODSEQ %d; "
                  "listing from UID %d on", self.job.name, fr.plan.source, len(present),
                  len(flags), modseq, uidnext)

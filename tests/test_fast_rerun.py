@@ -291,3 +291,64 @@ def test_folders_larger_than_a_listing_window(old_account, new_account, tmp_path
     assert again.ok, again.errors
     assert again.counts.get("copied", 0) == 0
     assert again.counts["skipped"] == sum(sum(c.values()) for c in old.values())
+
+
+def test_session_status_windows_and_changes_on_a_real_server(old_account, monkeypatch):
+    """The endpoint pieces on Dovecot: STATUS by LIST-STATUS and pipelined (several
+    rounds) agree, HIGHESTMODSEQ only with CONDSTORE; UID windows cover every UID, dense
+    or sparse; CHANGEDSINCE and UID SEARCH see exactly what changed."""
+    from migrate import config as cfg
+
+    raw = {"name": "x", "kind": "imap-copy", "source": old_account.endpoint_toml("imap"),
+           "destination": old_account.endpoint_toml("imap")}
+    endpoint = cfg.parse({"jobs": [raw]}, base_dir=old_account.server.base).jobs[0].source
+    client = mailgen.connect(old_account)
+    client.create_folder("INBOX.Entwürfe")
+    rng = random.Random(3)
+    for i in range(30):
+        client.append("INBOX.Entwürfe", mailgen.make_message(rng, i)[0])
+    client.select_folder("INBOX.Entwürfe")
+    client.delete_messages(list(range(2, 28)))
+    client.expunge()
+    client.logout()
+    session = ImapSession.connect(endpoint)
+    try:
+        names = ["INBOX", "INBOX.Entwürfe", "INBOX.Missing"]
+        listed = session.statuses(names)
+        assert set(listed) == {"INBOX", "INBOX.Entwürfe"}
+        mine = listed["INBOX.Entwürfe"]
+        assert (mine.uidnext, mine.messages) == (31, 4) and mine.highestmodseq
+        monkeypatch.setattr("migrate.endpoints.imap.STATUS_PIPELINE", 2)
+        session.capabilities.discard("LIST-STATUS")
+        assert session.statuses(names) == listed
+        session.capabilities.discard("CONDSTORE")
+        plain = session.statuses(names)["INBOX.Entwürfe"]
+        assert plain.highestmodseq is None and plain.as_tuple()[:3] == mine.as_tuple()[:3]
+        session.capabilities.add("CONDSTORE")
+
+        session.select("INBOX.Entwürfe", readonly=True)
+        assert session.uids_up_to(30) == [1, 28, 29, 30]
+        assert list(session.uid_windows(size=2)) == ["1:28", "29:*"]  # sparse: real UIDs
+        listed_uids = [m.uid for w in session.uid_windows(size=2) for m in session.list_range(w)]
+        assert listed_uids == [1, 28, 29, 30]
+        session.capabilities.discard("ESEARCH")
+        assert session.uids_up_to(29) == [1, 28, 29]
+        session.capabilities.add("ESEARCH")
+        assert session.list_range("31:*") == []  # '31:*' answers UID 30: left out
+
+        other = mailgen.connect(old_account)
+        other.select_folder("INBOX.Entwürfe")
+        other.add_flags([29], ["$Changed"])
+        other.logout()
+        assert session.flags_changed_since(mine.highestmodseq, 30) == {29: {"$Changed"}}
+        assert session.flags_changed_since(mine.highestmodseq, 28) == {}
+
+        client = mailgen.connect(old_account)
+        client.create_folder("INBOX.Dense")
+        for i in range(6):
+            client.append("INBOX.Dense", mailgen.make_message(rng, 100 + i)[0])
+        client.logout()
+        session.select("INBOX.Dense", readonly=True)
+        assert list(session.uid_windows(size=2)) == ["1:2", "3:4", "5:*"]
+    finally:
+        session.logout()

@@ -46,6 +46,8 @@ _SCAN_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)", re.IGNORECASE)
 _BODY_RE = re.compile(rb"\bBODY\[\](?:<\d+>)? \{\d+\}$", re.IGNORECASE)
 # UIDs per FETCH when listing a folder's messages (memory stays flat with folder size)
 LIST_WINDOW = 5000
+# STATUS commands sent before their answers are read (servers without LIST-STATUS)
+STATUS_PIPELINE = 50
 
 
 def parse_uid_set(text: str | bytes) -> list[int]:
@@ -329,7 +331,9 @@ class ImapSession:
         self.foreign_prefixes: tuple[str, ...] = ()
         self.delimiter, self.prefix = self._personal_namespace()
         self.selected: str | None = None
-        self._last_uidnext: int | None = None  # UIDNEXT of the selected folder
+        self._last_uidnext: int | None = None  # UIDNEXT and EXISTS of the selected folder
+        self._last_exists = 0
+        self.uidless_fetches = 0  # FETCH responses without UID seen (see _fetch_range)
         self.dead = False
         self.fetch_refused: dict[int, str] = {}  # UID → why the server would not send it
         # keywords the server rejected ("BAD Unrecognized flag"): copied without them
@@ -488,19 +492,21 @@ class ImapSession:
         items = "MESSAGES UIDNEXT UIDVALIDITY" + (" HIGHESTMODSEQ" if self.has("CONDSTORE")
                                                   else "")
         imap = self.client._imap
-        tags = []
         if self.has("LIST-STATUS"):
-            tags.append(imap._command("LIST", '""', '"*"', f"RETURN (STATUS ({items}))"))
+            rounds = [[imap._command("LIST", '""', '"*"', f"RETURN (STATUS ({items}))")]]
         else:
-            tags.extend(imap._command("STATUS", self.client._normalise_folder(n), f"({items})")
-                        for n in names)
-        for tag in tags:
-            try:
-                imap._command_complete("STATUS", tag)
-            except IMAPClientAbortError:
-                raise
-            except IMAPClientError:
-                pass  # BAD for one folder (a name it will not take): not answered
+            # pipelined in groups: sending thousands of commands before reading could
+            # fill both sides' socket buffers and stall
+            rounds = ([imap._command("STATUS", self.client._normalise_folder(n), f"({items})")
+                       for n in group] for group in _chunks(names, STATUS_PIPELINE))
+        for tags in rounds:
+            for tag in tags:
+                try:
+                    imap._command_complete("STATUS", tag)
+                except IMAPClientAbortError:
+                    raise
+                except IMAPClientError:
+                    pass  # BAD for one folder (a name it will not take): not answered
         imap.untagged_responses.pop("LIST", None)
         _typ, data = imap._untagged_response("OK", [None], "STATUS")
         wanted = set(names)
@@ -531,6 +537,7 @@ class ImapSession:
                     from None
         self.selected = name
         self._last_uidnext = int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None
+        self._last_exists = int(info.get(b"EXISTS", 0))
         permanent = info.get(b"PERMANENTFLAGS")
         return SelectInfo(
             uidvalidity=int(info[b"UIDVALIDITY"]), exists=int(info.get(b"EXISTS", 0)),
@@ -558,6 +565,15 @@ class ImapSession:
         size = size or LIST_WINDOW
         uidnext = self._last_uidnext
         start = first
+        if uidnext is not None and uidnext - first > 2 * self._last_exists + size:
+            # sparse UIDs (years of expunges): windows of ``size`` real UIDs, not of
+            # mostly empty ranges; they still cover every UID, gaps included
+            uids = [u for u in self.uids_up_to(uidnext - 1) if u >= first]
+            for i in range(size, len(uids), size):
+                yield f"{start}:{uids[i] - 1}"
+                start = uids[i]
+            yield f"{start}:*"
+            return
         while uidnext is not None and start + size < uidnext:
             yield f"{start}:{start + size - 1}"
             start += size
@@ -589,14 +605,23 @@ class ImapSession:
         return out
 
     @_guard
-    def flags_changed_since(self, modseq: int, upto: int) -> dict[int, frozenset[str]]:
+    def flags_changed_since(self, modseq: int, upto: int) -> dict[int, frozenset[str]] | None:
         """UID → FLAGS of the messages with UID <= upto whose flags changed after
-        ``modseq`` (RFC 7162 CHANGEDSINCE; the server needs CONDSTORE)."""
+        ``modseq`` (RFC 7162 CHANGEDSINCE; the server needs CONDSTORE).  None when the
+        answer cannot be trusted to be complete (then list everything)."""
         if upto < 1:
             return {}
-        data = self._fetch_range(f"1:{upto}", f"(UID FLAGS) (CHANGEDSINCE {modseq})")
-        return {int(u): copyable_flags(it.get(b"FLAGS", ())) for u, it in data.items()
-                if int(u) <= upto}
+        for attempt in (1, 2):
+            before = self.uidless_fetches
+            data = self._fetch_range(f"1:{upto}", f"(UID FLAGS) (CHANGEDSINCE {modseq})")
+            if self.uidless_fetches == before:
+                return {int(u): copyable_flags(it.get(b"FLAGS", ())) for u, it in data.items()
+                        if int(u) <= upto}
+            # A change another session made was announced without its UID (Dovecot
+            # then leaves it out of the answer): once more, after a NOOP took the news.
+            if attempt == 1:
+                self.client.noop()
+        return None
 
     @_guard
     def uids_up_to(self, upto: int) -> list[int]:
@@ -636,7 +661,18 @@ class ImapSession:
             raise FolderError(f"the server refused to list messages of {self.selected!r}: "
                               f"{_server_text(exc)}") from None
         typ, data = imap._untagged_response(typ, data, "FETCH")
-        return parse_fetch_response(data, self.client.normalise_times, True)
+        # Keyed by the UID in each response.  A FETCH without one is the server telling
+        # us of another session's change (RFC 3501 7.4.2, keyed by sequence number):
+        # taken for a UID it would put one message's data on another; it is dropped,
+        # and counted for callers that must not miss it (flags_changed_since).
+        out: dict = {}
+        for item in parse_fetch_response(data, self.client.normalise_times, False).values():
+            uid = item.get(b"UID")
+            if uid is None:
+                self.uidless_fetches += 1
+                continue
+            out.setdefault(int(uid), {}).update(item)
+        return out
 
     @_guard
     def fetch_bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
@@ -1110,3 +1146,8 @@ def _login_refused_for_now(exc: BaseException) -> bool:
     moved; [INUSE]: locked by another session; [THROTTLED], [LIMIT]: too many sessions or
     logins; a "Suggested Backoff Time"), unlike a wrong password.  See backoff.py."""
     return imap_pushback(str(exc))
+
+
+def _chunks(seq: Sequence, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
