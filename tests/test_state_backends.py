@@ -6,7 +6,7 @@ import collections
 import re
 import signal
 
-from migrate.store import Store
+from migrate.store import SCHEMA_VERSION, Store
 from tests.rig import mailgen
 from tests.rig.jobs import imap_job, run, run_cli, write_config
 
@@ -118,6 +118,6 @@ def test_hosts_starting_at_once_create_the_schema_once(pg_url):
     for t in threads:
         t.join()
     assert errors == []
-    assert {s.schema_version() for s in stores} == {3}
+    assert {s.schema_version() for s in stores} == {SCHEMA_VERSION}
     for s in stores:
         s.close()
