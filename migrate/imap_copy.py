@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -73,7 +73,37 @@ class _FolderCopy:
     dsel: SelectInfo
     by_uid: dict[int, MessageMeta]
     dest_index: dict
-    claimed: set[int]
+    claimed: set[int] | UidBits
+
+
+class UidBits:
+    """A set of UIDs as bits, 64 Ki UIDs per 8 KiB block: a folder's claimed copies
+    cost kilobytes instead of megabytes (a set of 200,000 ints: ~12 MB), and UIDs far
+    apart cost only their blocks.  Supports what the copy path uses: in, add, update."""
+
+    _BLOCK = 1 << 16
+
+    def __init__(self, uids: Iterable[int] = ()):
+        self._blocks: dict[int, bytearray] = {}
+        self.update(uids)
+
+    def add(self, uid: int) -> None:
+        block, bit = divmod(uid, self._BLOCK)
+        bits = self._blocks.get(block)
+        if bits is None:
+            bits = self._blocks[block] = bytearray(self._BLOCK // 8)
+        bits[bit >> 3] |= 1 << (bit & 7)
+
+    def update(self, uids: Iterable[int]) -> None:
+        for uid in uids:
+            self.add(uid)
+
+    def __contains__(self, uid: object) -> bool:
+        if not isinstance(uid, int):
+            return False
+        block, bit = divmod(uid, self._BLOCK)
+        bits = self._blocks.get(block)
+        return bits is not None and bool(bits[bit >> 3] & (1 << (bit & 7)))
 
 
 @dataclass
@@ -631,8 +661,8 @@ class ImapCopy(JobRunner):
                     dest_index[_dup_key(m.message_id, m.size)].append(m)
         # Copies that belong to a message of this job - any folder, any state - are
         # never taken as another message's duplicate.
-        claimed = self.store.claimed_destination_uids(
-            self.job_id, fr.plan.destination, dsel.uidvalidity, fr.folder_id, fr.uidvalidity)
+        claimed = UidBits(self.store.claimed_destination_uids(
+            self.job_id, fr.plan.destination, dsel.uidvalidity, fr.folder_id, fr.uidvalidity))
         return _FolderCopy(src, dst, fr, dsel, by_uid, dest_index, claimed)
 
     def _copy_pending(self, src, dst, fr, dsel, pending, by_uid, progress,

@@ -352,3 +352,14 @@ def test_session_status_windows_and_changes_on_a_real_server(old_account, monkey
         assert list(session.uid_windows(size=2)) == ["1:2", "3:4", "5:*"]
     finally:
         session.logout()
+
+
+def test_uid_bits_is_a_set_of_uids():
+    from migrate.imap_copy import UidBits
+
+    bits = UidBits([1, 5, 65536, 2**32 + 7])
+    bits.add(70000)
+    bits.update([3])
+    members = {0, 1, 3, 5, 65535, 65536, 70000, 2**32 + 6, 2**32 + 7}
+    assert {u for u in members if u in bits} == {1, 3, 5, 65536, 70000, 2**32 + 7}
+    assert "1" not in bits and None not in bits
