@@ -84,6 +84,9 @@ def test_unchanged_folders_are_not_opened_on_either_side(old_account, new_accoun
     assert again.ok, again.errors
     assert again.counts.get("copied", 0) == 0 and again.counts["folders"] == len(NAMES)
     assert sum(opened.values()) == 0, opened
+    plan = run(config, dry_run=True)
+    assert sum("unchanged since the last run" in line for line in plan.plan) == len(NAMES)
+    assert sum(opened.values()) == 0, opened
     assert_same(old_account, new_account)
 
 
