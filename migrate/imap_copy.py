@@ -404,11 +404,6 @@ class ImapCopy(JobRunner):
         if self.stopping():  # interrupted, over quota, --max-errors: no new folder
             return
         if fr.unchanged:  # nothing to copy, update or delete there: not opened
-            if self.dry:
-                with self._lock:
-                    self.result.plan.append(
-                        f"folder {fr.plan.source!r} → {fr.plan.destination!r}: unchanged "
-                        "since the last run (STATUS), nothing to do")
             return
         try:
             self.retrying()(self._with_pair, pool, self._sync_folder, fr, progress)
