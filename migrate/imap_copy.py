@@ -683,8 +683,11 @@ class ImapCopy(JobRunner):
         small = [r for r in pending if r.id not in large_ids]
         # messages of a batch that broke the connection travel alone, to find the culprit
         suspects = [r for r in small if r.source_uid in fr.suspects]
+        # The look-ahead holds two batches per pair (one appended, one fetched): each gets
+        # half of batch_bytes, so a pair's memory stays what one batch needed before.
         batches = [[r] for r in suspects] + list(self.batches(
-            [r for r in small if r.source_uid not in fr.suspects], self.options.batch_bytes))
+            [r for r in small if r.source_uid not in fr.suspects],
+            max(1, self.options.batch_bytes // 2)))
         self._copy_batches(ctx, batches, progress)
 
     def _copy_batches(self, ctx: _FolderCopy, batches: list[list[MessageRow]],
