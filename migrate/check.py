@@ -27,12 +27,12 @@ from imapclient.exceptions import IMAPClientError
 
 from .config import DEFAULT_PORTS, IMAP_COPY, Config, Endpoint, Job
 from .endpoints.contact import explain, identify, probe, probe_wait, shown
-from .endpoints.imap import ImapSession, MessageMeta
+from .endpoints.imap import ImapSession
 from .endpoints.pop3 import Pop3Session
 from .endpoints.sasl import login_who
 from .endpoints.tls import StartTlsRefused, describe_tls_failure, ssl_context, tls_connect
 from .errors import FolderError, MailboxError, MigrateError, SafetyError
-from .folders import plan_folders
+from .report.plan import imap_job_numbers
 from .results import size_text
 from .states import State
 from .store import Store, sqlite_file
@@ -515,67 +515,49 @@ def _binding(rep: EndpointReport, session, job: Job, store: Store | None,
                 f"{binding.bound_at:%Y-%m-%d %H:%M} UTC")
 
 
-def _done_uids(store: Store | None, job_id: int | None, folder: str,
-               uidvalidity: int) -> set[int]:
-    if store is None or job_id is None:
-        return set()
-    row = store.folder(job_id, folder)
-    if row is None or row.uidvalidity != uidvalidity:
-        return set()
-    return {m.source_uid for m in store.messages(row.id, DONE_STATES).values()
-            if m.source_uid is not None}
-
-
 def _space(source_rep: EndpointReport, dest_rep: EndpointReport, src: ImapSession,
            dst: ImapSession, job: Job, store: Store | None) -> None:
-    """Sizes of what is still to copy (source RFC822.SIZE, folder by folder, EXAMINE
-    only) against the destination's quota and APPENDLIMIT."""
+    """What is still to copy, counted exactly as ``report`` counts it (the planner's
+    folders: the state database, then the duplicate rules against a read-only listing of
+    the destination; EXAMINE, sizes, flags and Message-IDs only), against the
+    destination's quota and APPENDLIMIT."""
     try:
-        plans, refused = plan_folders(
-            src.list_folders(), src.delimiter, src.prefix, dst.list_folders(),
-            dst.delimiter, dst.prefix, job.folders, other_namespaces=job.other_namespaces)
+        numbers = imap_job_numbers(job, src, dst, store)
     except MigrateError as exc:
         source_rep.add("folders", False, f"cannot list the folders: {exc}")
         return
-    for name, why in refused:
-        source_rep.add("folders", False, f"folder {name!r}: {why}")
-    job_id = store.find_job(job.name) if store is not None else None
-    total = done = 0
-    to_copy: list[tuple[str, MessageMeta]] = []
-    for plan in plans:
-        try:
-            info = src.select(plan.source, readonly=True)  # EXAMINE
-            messages = src.list_messages(info.exists)
-        except MigrateError as exc:
-            source_rep.add("folders", False, f"cannot read folder {plan.source!r}: {exc}")
-            continue
-        finished = _done_uids(store, job_id, plan.source, info.uidvalidity)
-        for m in messages:
-            total += 1
-            if m.uid in finished:
-                done += 1
-            else:
-                to_copy.append((plan.source, m))
-    need = sum(m.size for _f, m in to_copy)
+    for excluded in numbers["excluded"]:
+        if excluded["rule"].startswith("refused: "):
+            source_rep.add("folders", False, f"folder {excluded['source']!r}: "
+                           f"{excluded['rule'].removeprefix('refused: ')}")
+    for f in numbers["folders"]:
+        if f["error"]:
+            source_rep.add("folders", False, f"cannot read folder {f['source']!r}: "
+                           f"{f['error']}")
+    t = numbers["totals"]
     source_rep.add("to copy", True,
-                   f"{len(plans)} folders, {total} messages; {done} already copied (state "
-                   f"database); at most {len(to_copy)} messages, {size_text(need)} still to copy")
+                   f"{_count(t['folders'], 'folder')}, {_count(t['source_messages'], 'message')}"
+                   f" ({size_text(t['source_bytes'])}); {t['already_there']} already at the "
+                   f"destination; {_count(t['to_copy'], 'message')} "
+                   f"({size_text(t['to_copy_bytes'])}) to copy (the numbers of "
+                   "`mailmigrate report`)")
     limit = appendlimit(dst)
+    too_big = [r for r in numbers["destination_refuses"] if r["folder"] is not None]
     if limit is not None:
-        too_big = [(f, m) for f, m in to_copy if m.size > limit]
         if too_big:
-            folder, largest = max(too_big, key=lambda fm: fm[1].size)
+            largest = max(too_big, key=lambda r: r["size"])
             dest_rep.add("message size", False,
-                         f"{len(too_big)} messages are larger than the destination's "
-                         f"APPENDLIMIT of {size_text(limit)} and will be refused; the largest: "
-                         f"{size_text(largest.size)} (UID {largest.uid} in {folder!r})",
+                         f"{_count(len(too_big), 'message')} larger than the destination's "
+                         f"APPENDLIMIT of {size_text(limit)} will be refused; the largest: "
+                         f"{size_text(largest['size'])} ({largest['id']} in "
+                         f"{largest['folder']!r})",
                          hint="ask for a higher limit at the destination, or exclude or "
                               "move those messages before the run")
         else:
             dest_rep.add("message size", True,
                          f"every message to copy fits the APPENDLIMIT of {size_text(limit)}")
     if dst.has("QUOTA"):
-        _quota(dest_rep, dst, len(to_copy), need)
+        _quota(dest_rep, dst, t["to_copy"], t["to_copy_bytes"])
 
 
 def _quota(rep: EndpointReport, dst: ImapSession, count: int, need: int) -> None:

@@ -106,6 +106,9 @@ class FolderVerdict:
     # archived files no longer on the POP3 server (deleted after archiving): fine
     archived_not_on_server: int | None = None
     note: str | None = None  # e.g. the folder could not be read at all
+    # false: the destination folder is not there (never created, or deleted since), so
+    # every source message is missing; said once here, not on each missing message
+    destination_exists: bool = True
 
     @property
     def ok(self) -> bool:
@@ -215,7 +218,10 @@ def verify_text(v: JobVerdict, limit: int = TEXT_PROBLEMS) -> list[str]:
         lines.append(f"{v.name}: total ({plural(len(v.folders), 'folder')}): {text}")
     # Extra messages are not a failure (the destination may hold mail of its own, or copies
     # whose originals were deleted after verification): counted above, listed by --json.
-    shown = [p for p in v.problems if p.bucket != "extra"]
+    # Nor is each message of a folder missing at the destination: its folder line says so.
+    absent = {(f.source, f.destination) for f in v.folders if not f.destination_exists}
+    shown = [p for p in v.problems if p.bucket != "extra"
+             and (p.folder, p.destination) not in absent]
     for p in shown[:limit]:
         lines.append(f"{v.name}:   {p.text()}")
     if len(shown) > limit:
@@ -243,6 +249,8 @@ def _judgement(f: FolderVerdict) -> str:
             + ", ".join(f"{count} {word}" for count, word in (
                 (f.missing, "missing"), (f.differ, "differ"),
                 (f.error, "unreadable")) if count)
+    if not f.destination_exists and f.missing:
+        text += f" (the destination folder {f.destination!r} does not exist)"
     if f.extra:
         text += f"; {f.extra} extra at the destination"
     if f.archived_not_on_server:
@@ -340,7 +348,7 @@ class _ImapVerify:
             metas = src.list_messages(sel.exists)
             verdicts[p.source].source_messages = len(metas)
             msgs = [_Msg(p.source, m) for m in metas]
-            if not self.quick:
+            if not self.quick and not group[0].create:  # nothing to compare them with
                 self._hash(src, msgs)
             sources.extend(msgs)
         if group[0].create:  # the destination folder does not exist (yet)
@@ -362,8 +370,8 @@ class _ImapVerify:
         problems = _match(sources, targets, destination, dsel, self.quick, verdicts,
                           group[0].source)
         if dsel is None:
-            for p in problems:
-                p.detail = p.detail or f"the destination folder {destination!r} does not exist"
+            for v in verdicts.values():
+                v.destination_exists = False
         self.verdict.folders.extend(verdicts.values())
         self.verdict.problems.extend(problems)
 

@@ -90,7 +90,7 @@ def test_check_passes_and_changes_nothing(old_account, new_account, tmp_path):
                  "certificate expiry:", "certificate name:", "login:", "UIDPLUS:",
                  "MULTIAPPEND:", "QUOTA:", "protocol binding:", "quota:"):
         assert f"✓ {step}" in out, (step, out)
-    assert "3 already copied" in out and "at most 2 messages" in out
+    assert "5 messages (21 KB); 3 already at the destination; 2 messages (12 KB) to copy" in out
     assert "bound to IMAP by job 'alice'" in out
     assert "deletion after verification removes exactly the copied messages" in out
     assert "✗" not in out
@@ -448,11 +448,36 @@ def test_messages_above_appendlimit(old_account, tmp_path):
     assert dest["APPENDLIMIT"]["ok"] and "8 KB" in dest["APPENDLIMIT"]["detail"]
     size = dest["message size"]
     assert not size["ok"]
-    assert size["detail"].startswith("2 messages are larger than the destination's "
-                                     "APPENDLIMIT")
+    assert size["detail"].startswith("2 messages larger than the destination's "
+                                     "APPENDLIMIT of 8 KB will be refused")
     assert "the largest: 20 KB" in size["detail"] and "in 'INBOX'" in size["detail"]
     assert not [line for _sid, line in fake.log
                 if line.split()[0].upper() in ("APPEND", "CREATE", "STORE", "EXPUNGE")]
+
+
+def test_to_copy_is_the_reports_number(old_account, new_account, tmp_path):
+    """Not an upper bound: what check counts as still to copy is what `report` counts,
+    messages another tool already put at the destination (same Message-ID) included."""
+    from migrate import config as cfg
+    from migrate.report import build_report
+    from migrate.results import size_text
+
+    rng = random.Random(7)
+    date = dt.datetime(2020, 1, 2, tzinfo=dt.timezone.utc)
+    msgs = [mailgen.TestMessage("INBOX", mailgen.make_message(rng, i, size=size)[0], (), date)
+            for i, size in enumerate((2_000, 3_000, 4_000, 5_000))]
+    mailgen.fill(old_account, msgs)
+    mailgen.fill(new_account, msgs[:2])  # another tool copied these two already
+    config = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)],
+                          state_url(tmp_path))
+    with untouched(imap=[old_account, new_account]):
+        proc, doc = check_json(config)
+    assert proc.returncode == 0, proc.stdout
+    totals = build_report(cfg.load(config), None)["jobs"][0]["totals"]
+    assert (totals["already_there"], totals["to_copy"]) == (2, 2)
+    detail = checks_of(doc, "source")["to copy"]["detail"]
+    assert (f"{totals['already_there']} already at the destination; 2 messages "
+            f"({size_text(totals['to_copy_bytes'])}) to copy") in detail, detail
 
 
 # --- protocol binding ------------------------------------------------------------------

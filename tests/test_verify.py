@@ -179,8 +179,16 @@ def test_destination_folder_deleted_all_its_messages_are_missing(old_account, ne
         proc = verify_cli(path)
     assert proc.returncode == 1
     assert "folder 'INBOX.Archive.2019' → 'Archive/2019': 0 of 2 source messages at " \
-           "the destination and identical; 2 missing" in proc.stdout
-    assert proc.stdout.count("the destination folder 'Archive/2019' does not exist") == 2
+           "the destination and identical; 2 missing (the destination folder " \
+           "'Archive/2019' does not exist)" in proc.stdout
+    # said once, on the folder's line; the messages are listed by --json only
+    assert proc.stdout.count("does not exist") == 1, proc.stdout
+    assert "missing: folder 'INBOX.Archive.2019'" not in proc.stdout
+    doc = json.loads(verify_cli(path, "--json").stdout)
+    (folder,) = [f for f in doc["jobs"][0]["folders"] if f["source"] == "INBOX.Archive.2019"]
+    assert not folder["destination_exists"] and not folder["ok"]
+    assert sorted(p["source_uid"] for p in doc["jobs"][0]["problems"]
+                  if p["folder"] == "INBOX.Archive.2019") == [1, 2]
     client = mailgen.connect(new_account)
     names = {n for _f, _d, n in client.list_folders()}
     client.logout()

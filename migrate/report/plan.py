@@ -280,25 +280,8 @@ def _plan_imap(plan: _JobPlan, job: Job, store: Store | None, job_id: int | None
         for endpoint, session in ((job.source, src), (job.destination, dst)):
             _check_certificate(plan, endpoint, session.client._imap.sock)
         _check_binding(plan, job, store, src.server_aliases)
-        source_folders = src.list_folders()
-        plans, refused = plan_folders(
-            source_folders, src.delimiter, src.prefix, dst.list_folders(), dst.delimiter,
-            dst.prefix, job.folders, other_namespaces=job.other_namespaces)
-        planned = {p.source for p in plans}
-        for name, why in refused:
-            plan.doc["excluded"].append({"source": name, "rule": f"refused: {why}"})
-            plan.warn(f"folder {name!r} is not copied: {why}")
-        refused_names = {n for n, _ in refused}
-        for f in source_folders:
-            if f.name in planned or f.name in refused_names:
-                continue
-            plan.doc["excluded"].append(
-                {"source": f.name, "rule": _why_excluded(f, job) or "not copied"})
-        limit = _appendlimit(dst)
+        plan_imap_folders(plan, job, src, dst, store, job_id)
         free = _quota_free(plan, dst)
-        for p in sorted(plans, key=lambda p: folder_order(p.source)):
-            plan.doc["folders"].append(
-                _plan_imap_folder(plan, job, p, src, dst, store, job_id, limit))
         _imap_deletion(plan, job, src, options)
         _quota_check(plan, free)
         if options.sample:
@@ -306,6 +289,43 @@ def _plan_imap(plan: _JobPlan, job: Job, store: Store | None, job_id: int | None
     finally:
         src.logout()
         dst.logout()
+
+
+def plan_imap_folders(plan: _JobPlan, job: Job, src: ImapSession, dst: ImapSession,
+                      store: Store | None, job_id: int | None) -> None:
+    """The folders of an imap-copy job on sessions already open: where each goes, what is
+    at the source, already at the destination (state database and the duplicate rules),
+    to copy, and what the destination's APPENDLIMIT refuses.  ``check`` uses it too, so
+    its "to copy" is the report's."""
+    source_folders = src.list_folders()
+    plans, refused = plan_folders(
+        source_folders, src.delimiter, src.prefix, dst.list_folders(), dst.delimiter,
+        dst.prefix, job.folders, other_namespaces=job.other_namespaces)
+    planned = {p.source for p in plans}
+    for name, why in refused:
+        plan.doc["excluded"].append({"source": name, "rule": f"refused: {why}"})
+        plan.warn(f"folder {name!r} is not copied: {why}")
+    refused_names = {n for n, _ in refused}
+    for f in source_folders:
+        if f.name in planned or f.name in refused_names:
+            continue
+        plan.doc["excluded"].append(
+            {"source": f.name, "rule": _why_excluded(f, job) or "not copied"})
+    limit = _appendlimit(dst)
+    for p in sorted(plans, key=lambda p: folder_order(p.source)):
+        plan.doc["folders"].append(
+            _plan_imap_folder(plan, job, p, src, dst, store, job_id, limit))
+
+
+def imap_job_numbers(job: Job, src: ImapSession, dst: ImapSession, store: Store | None
+                     ) -> dict:
+    """The report's job document reduced to its folders (``plan_imap_folders``) and
+    their totals, for sessions a caller already holds: what ``check`` weighs against the
+    destination's quota and APPENDLIMIT."""
+    plan = _JobPlan(job)
+    job_id = store.find_job(job.name) if store is not None else None
+    plan_imap_folders(plan, job, src, dst, store, job_id)
+    return plan.finish()
 
 
 def _why(p: FolderPlan) -> str:
