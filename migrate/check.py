@@ -382,8 +382,9 @@ def _login(rep: EndpointReport, endpoint: Endpoint) -> ImapSession | Pop3Session
                     "the full email address (e.g. name@example.com)")
         rep.add("login", False, str(exc), hint=hint)
         return None
-    rep.add("login", True, f"logged in as {login_who(endpoint)} ({kind} from "
-            f"{endpoint.password.describe()})")
+    secret = endpoint.password
+    where = "the config file" if secret.kind == "password" else secret.describe()
+    rep.add("login", True, f"logged in as {login_who(endpoint)} ({kind} from {where})")
     return session
 
 
@@ -539,8 +540,8 @@ def _space(source_rep: EndpointReport, dest_rep: EndpointReport, src: ImapSessio
                    f"{_count(t['folders'], 'folder')}, {_count(t['source_messages'], 'message')}"
                    f" ({size_text(t['source_bytes'])}); {t['already_there']} already at the "
                    f"destination; {_count(t['to_copy'], 'message')} "
-                   f"({size_text(t['to_copy_bytes'])}) to copy (the numbers of "
-                   "`mailmigrate report`)")
+                   f"({size_text(t['to_copy_bytes'])}) to copy (counted as "
+                   "`mailmigrate report` counts)")
     limit = appendlimit(dst)
     too_big = [r for r in numbers["destination_refuses"] if r["folder"] is not None]
     if limit is not None:

@@ -171,8 +171,9 @@ class Config:
             else:
                 shown = ", ".join([j.name for j in self.jobs if not _grouped(self, j.name)]
                                   + sorted(self.groups))
+                rows = " (an accounts entry's rows: ENTRY:SOURCE_USER)" if self.groups else ""
                 raise ConfigError(f"no job named {name!r} in {self.path}; jobs defined: "
-                                  f"{shown} (an accounts entry's rows: ENTRY:SOURCE_USER)")
+                                  f"{shown}{rows}")
         return sorted((item for item in everything if item.name in wanted),
                       key=lambda item: order[item.name])
 

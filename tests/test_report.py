@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, text
 
 from migrate import config as cfg
 from migrate.report import build_report, render
+from migrate.results import size_text
 from tests.rig import mailgen
 from tests.rig.courier import courier_account, courier_host  # noqa: F401
 from tests.rig.cyrus import cyrus_account, cyrus_host  # noqa: F401
@@ -285,7 +286,7 @@ def test_text_is_stable_inbox_first_and_dry_run_prints_it(filled, old_account, n
         return [ln for ln in out.splitlines()[1:] if "estimated duration" not in ln]
     assert body(again.stdout) == body(first.stdout)
     assert body(dry.stdout) == body(first.stdout)
-    assert "estimated duration: " in dry.stdout and "(an estimate: read " in dry.stdout
+    assert "estimated duration: " in dry.stdout and "(measured: read " in dry.stdout
     assert list(tmp_path.glob("mailmigrate.db*")) == []  # no state database created
 
 
@@ -316,6 +317,8 @@ def test_output_file_and_exit_codes(filled, old_account, new_account, tmp_path):
     assert "mailmigrate: error: bob: " in proc.stderr
     text_out = run_cli("report", "-c", str(path2)).stdout
     assert "NOT PLANNED: IMAP login as" in text_out
+    assert "overall: 2 jobs, 1 of them NOT PLANNED (see above, not counted here); the " \
+           "others: " in text_out, text_out
     unwritable = run_cli("report", "-c", str(path), "-o", str(tmp_path / "no" / "dir.txt"))
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr
 
@@ -451,21 +454,32 @@ def test_html_page_in_headless_chromium(filled, old_account, new_account, tmp_pa
     # warnings before any table
     assert cells.order[0] == "warnings" and "table" in cells.order, cells.order
     assert "1 message vanished from the source" in dom.stdout
-    # every number on the page is the JSON's
+    # every number on the page is the JSON's: exact in data-value, for people in the text
+    # (sizes as "3.7 MB" with the exact bytes in the tooltip, counts as "1,234")
     j = job_of(doc)
     by = folders(doc)
     seen_folders = set()
+    byte_cells = 0
     for attrs, value in cells.cells:
-        key = attrs["data-key"]
+        key, exact = attrs["data-key"], int(attrs["data-value"])
         if key == "jobs":
-            assert int(value) == doc["totals"]["jobs"]
+            assert exact == doc["totals"]["jobs"]
         elif attrs.get("data-folder"):
             seen_folders.add(attrs["data-folder"])
-            assert int(value) == by[attrs["data-folder"]][key], (attrs, value)
+            assert exact == by[attrs["data-folder"]][key], (attrs, value)
         elif attrs.get("data-job"):
-            assert int(value) == j["totals"][key], (attrs, value)
+            assert exact == j["totals"][key], (attrs, value)
         else:
-            assert int(value) == doc["totals"][key], (attrs, value)
+            assert exact == doc["totals"][key], (attrs, value)
+        if key.endswith("_bytes"):
+            byte_cells += 1
+            assert value == (size_text(exact) if exact else "0"), (attrs, value)
+            assert attrs["title"] == f"{exact:,} bytes", attrs
+        else:
+            assert value == f"{exact:,}", (attrs, value)
+    assert byte_cells >= 2 * (2 + len(by))  # totals, the job and every folder: both sizes
+    assert size_text(doc["totals"]["source_bytes"]) in dom.stdout
+    assert not re.search(r">\d{5,}<", dom.stdout)  # no raw byte counts left on the page
     assert seen_folders == set(by) and len(by) == 5
     assert by["INBOX.Archive"]["already_there"] > 0 and by["INBOX"]["to_copy"] > 0
     # and it renders: a screenshot of the page

@@ -126,7 +126,8 @@ def test_all_equal_after_a_run_exits_0_and_touches_nothing(old_account, new_acco
     for f in job["folders"]:
         assert set(f) == {"source", "destination", "reason", "source_messages",
                           "destination_messages", "equal", "missing", "differ", "extra",
-                          "error", "note", "ok"}
+                          "error", "note", "destination_exists", "ok"}
+        assert f["destination_exists"] is True
 
 
 def test_without_a_state_database_it_is_neither_needed_nor_created(old_account, new_account,

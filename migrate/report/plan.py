@@ -34,7 +34,7 @@ from ..folders import FolderPlan, plan_folders
 from ..imap_copy import _dup_key
 from ..pop3_archive import FOLDER as POP3_FOLDER
 from ..pop3_archive import Pop3Archive
-from ..results import plural
+from ..results import plural, size_text
 from ..states import State
 from ..store import MessageRow, Store, sqlite_file
 
@@ -454,11 +454,11 @@ def _quota_check(plan: _JobPlan, free: int | None) -> None:
         return
     need = sum(f["to_copy_bytes"] for f in plan.doc["folders"])
     if need > free:
-        plan.warn(f"the destination is short of room: {need / 1e6:.1f} MB to copy, "
-                  f"{free / 1e6:.1f} MB left under its quota; a run stops when it is full")
+        plan.warn(f"the destination is short of room: {size_text(need)} to copy, "
+                  f"{size_text(free)} left under its quota; a run stops when it is full")
         plan.doc["destination_refuses"].append({
             "folder": None, "id": None, "size": need - free,
-            "reason": f"over quota by {(need - free) / 1e6:.1f} MB"})
+            "reason": f"over quota by {size_text(need - free)}"})
 
 
 def _estimate(plan: _JobPlan, seconds: float, nbytes: int, count: int, transfers: int,
@@ -472,8 +472,10 @@ def _estimate(plan: _JobPlan, seconds: float, nbytes: int, count: int, transfers
         "sample_messages": count, "sample_bytes": nbytes,
         "sample_seconds": round(seconds, 4),
         "bytes_per_second": int(rate),
-        "method": f"{what}; {transfers} transfer(s) per message at that rate; an estimate "
-                  "only (server load, network and throttling change it)"}
+        "method": f"{what}; " + (
+            f"a copy moves each message {transfers} times (read, write, read back to "
+            "verify)" if transfers > 1 else "a run reads each message once")
+        + "; an estimate only: server load, network and throttling change it"}
 
 
 def _imap_estimate(plan: _JobPlan, src: ImapSession) -> None:
@@ -487,8 +489,8 @@ def _imap_estimate(plan: _JobPlan, src: ImapSession) -> None:
     seconds = time.perf_counter() - started
     nbytes = sum(len(b) for b in bodies.values())
     _estimate(plan, seconds, nbytes, len(bodies), IMAP_TRANSFERS,
-              f"read {plural(len(bodies), 'message')} ({nbytes} bytes) from the source in "
-              f"{seconds:.3f} s")
+              f"read {plural(len(bodies), 'message')} ({size_text(nbytes)}) from the source "
+              f"in {seconds:.3f} s")
 
 
 # --- pop3-archive ---------------------------------------------------------------------
@@ -571,8 +573,8 @@ def _plan_pop3(plan: _JobPlan, job: Job, store: Store | None, job_id: int | None
                 nbytes += octets
             seconds = time.perf_counter() - started
             _estimate(plan, seconds, nbytes, len(plan.sample), 1,
-                      f"read {plural(len(plan.sample), 'message')} ({nbytes} bytes) from "
-                      f"the POP3 server in {seconds:.3f} s")
+                      f"read {plural(len(plan.sample), 'message')} ({size_text(nbytes)}) "
+                      f"from the POP3 server in {seconds:.3f} s")
         session.reset_and_quit()  # nothing is marked; QUIT must commit nothing
     except BaseException:
         session.close()

@@ -65,9 +65,16 @@ def render(doc: dict) -> str:
         out += job_lines(job)
     t = doc["totals"]
     out.append("")
-    line = f"overall: {plural(t['jobs'], 'job')}, {totals_text(t)}"
-    if t["jobs_not_planned"]:
-        line += f"; {plural(t['jobs_not_planned'], 'job')} could not be planned (see above)"
+    missing = t["jobs_not_planned"]
+    if not missing:
+        line = f"overall: {plural(t['jobs'], 'job')}, {totals_text(t)}"
+    elif missing == t["jobs"]:  # no numbers at all: zeros would read as "nothing to do"
+        line = ("overall: the job could not be planned" if missing == 1 else
+                f"overall: none of the {missing} jobs could be planned")
+        line += " (see above): nothing is counted"
+    else:
+        line = (f"overall: {plural(t['jobs'], 'job')}, {missing} of them NOT PLANNED (see "
+                f"above, not counted here); the others: {totals_text(t)}")
     out.append(line)
     if t["estimated_seconds"] is not None:
         out.append(f"estimated duration of all jobs: {duration(t['estimated_seconds'])}"
@@ -95,7 +102,7 @@ def job_lines(job: dict) -> list[str]:
             out.append(f"    {e['source']}: {e['rule']}")
     if job["largest"]:
         out.append("  largest messages: " + ", ".join(
-            f"{m['folder']} {m['id']} {size_text(m['size'])}" for m in job["largest"]))
+            f"{m['folder']} {m['id']} ({size_text(m['size'])})" for m in job["largest"]))
     for r in job["destination_refuses"]:
         where = f"{r['folder']} {r['id']} ({size_text(r['size'])}): " if r["folder"] else ""
         out.append(f"  the destination will refuse: {where}{r['reason']}")
@@ -106,7 +113,6 @@ def job_lines(job: dict) -> list[str]:
     out.append(f"  deletion: {deletion_text(job)}")
     e = job["estimate"]
     if e:
-        out.append(f"  estimated duration: {duration(e['seconds'])} (an estimate: "
-                   f"{e['method']})")
+        out.append(f"  estimated duration: {duration(e['seconds'])} (measured: {e['method']})")
     out.append(f"  total: {totals_text(job['totals'])}")
     return out
