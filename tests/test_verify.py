@@ -23,7 +23,7 @@ from tests.rig import mailgen
 from tests.rig.courier import courier_account, courier_host  # noqa: F401
 from tests.rig.cyrus import cyrus_account, cyrus_host  # noqa: F401
 from tests.rig.jobs import imap_job, run, run_cli, write_config
-from tests.rig.untouched import untouched
+from tests.rig.untouched import listing, untouched
 
 
 def copied(old_account, new_account, tmp_path, msgs, **job_extra) -> tuple[Path, str]:
@@ -535,3 +535,53 @@ def test_pop3_archive_from_courier_with_8bit_headers(courier_account, tmp_path):
         proc = verify_cli(path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all 3 source messages are at the destination" in proc.stdout
+
+
+def test_check_report_verify_with_cyrus_on_either_side(old_account, new_account,  # noqa: F811
+                                                       cyrus_host, cyrus_account, tmp_path):
+    """Dovecot → Cyrus and Cyrus → Dovecot, half copied, plus one message another tool put
+    at the destination: the three read-only commands change nothing on either server or
+    in the state database, and agree with each other (report's "already there" is
+    verify's "equal", its "to copy" verify's "missing", check's "to copy" report's)."""
+    msgs = [m for m in mailgen.realistic_mailbox(count=16, big=False, seed=57)
+            if m.body.split(b"\r\n\r\n", 1)[0].isascii()]  # Cyrus munges 8-bit headers
+    cyrus_source = cyrus_host.add_user(f"src-{cyrus_account.username}", "cy-source")
+    mailgen.fill(old_account, msgs)
+    mailgen.fill(cyrus_source, mailgen.realistic_mailbox(separator="/", prefix="",
+                                                         count=10, big=False, seed=58))
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    jobs = [imap_job("to-cyrus", old_account, cyrus_account),
+            imap_job("from-cyrus", cyrus_source, new_account)]
+    config = write_config(tmp_path / "c.toml", jobs, url)
+    for job in jobs:  # the archive folders copied, the rest not yet
+        assert run(write_config(tmp_path / f"{job['name']}.toml", [
+            {**job, "folders": {"include": ["*Archive*"]}}], url)).ok
+    inbox = next(m for m in msgs if m.folder == "INBOX" and m.message_id)
+    mailgen.fill(cyrus_account, [mailgen.TestMessage("INBOX", inbox.body, (), inbox.date)])
+    accounts = [old_account, cyrus_account, cyrus_source, new_account]
+    # Right after the run created 'Archive/2019' and 'Archive' on Dovecot, its first LIST
+    # shows 'Archive' as \Noselect, the next one as it is (Dovecot's mailbox list index
+    # catching up; seen with two listings in a row and no command between them): one
+    # listing first, so the witness compares what the commands did, not that.
+    listing(imap=accounts)
+    with untouched(imap=accounts, state_url=url):
+        checked = run_cli("check", "-c", str(config), "--json")
+        reported = run_cli("report", "-c", str(config), "--format", "json", "--no-sample")
+        verified = verify_cli(config, "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert reported.returncode == 0, reported.stderr
+    assert verified.returncode == 1  # the rest is still to copy
+    report = {j["name"]: j for j in json.loads(reported.stdout)["jobs"]}
+    verdict = {j["name"]: j for j in json.loads(verified.stdout)["jobs"]}
+    for job in json.loads(checked.stdout)["jobs"]:
+        t = report[job["name"]]["totals"]
+        v = verdict[job["name"]]["totals"]
+        assert t["already_there"] > 0 and t["to_copy"] > 0, (job["name"], t)
+        assert (v["equal"], v["missing"], v["differ"]) == \
+            (t["already_there"], t["to_copy"], 0), (job["name"], t, v)
+        (source,) = [e for e in job["endpoints"] if e["role"] == "source"]
+        (to_copy,) = [c for c in source["checks"] if c["name"] == "to copy"]
+        assert f"{t['already_there']} already at the destination; {t['to_copy']} messages" \
+            in to_copy["detail"], (to_copy, t)
+    assert report["to-cyrus"]["folders"][0]["source"] == "INBOX"
+    assert report["to-cyrus"]["folders"][0]["already_there"] == 1  # by Message-ID
