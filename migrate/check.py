@@ -675,6 +675,11 @@ def check_text(reports: Sequence[JobReport], unicode: bool = True) -> list[str]:
         lines.append(f"  {r.name}: " + (
             f"{_count(len(problems), 'problem')} a run cannot get past" if problems else
             "ready to run") + (f", {_count(len(warnings), 'warning')}" if warnings else ""))
+    if len(reports) > 1:
+        blocked = [r.name for r in reports if not r.ok]
+        lines.append(f"check: all {len(reports)} jobs ready to run" if not blocked else
+                     f"check: {len(reports) - len(blocked)} of {len(reports)} jobs ready to "
+                     f"run; NOT ready: {', '.join(blocked)} (see above)")
     if not unicode:
         lines = [line.encode("ascii", "replace").decode("ascii") for line in lines]
     return lines

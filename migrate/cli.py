@@ -442,6 +442,8 @@ def _verify(args) -> int:
     if args.json:
         print(json.dumps(verify.verify_document(verdicts, args.quick, _now()),
                          ensure_ascii=False, indent=2, default=str))
+    elif verify.summary_line(verdicts):
+        print(verify.summary_line(verdicts))
     return verify.exit_code(verdicts)
 
 

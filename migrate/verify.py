@@ -229,6 +229,18 @@ def verify_text(v: JobVerdict, limit: int = TEXT_PROBLEMS) -> list[str]:
     return lines
 
 
+def summary_line(verdicts: Sequence[JobVerdict]) -> str | None:
+    """The last line when several jobs were verified: which need a look."""
+    if len(verdicts) < 2:
+        return None
+    bad = [v.name for v in verdicts if not v.ok]
+    if not bad:
+        return (f"verify: all {len(verdicts)} jobs: every source message is at the "
+                "destination and identical")
+    return (f"verify: {len(verdicts) - len(bad)} of {len(verdicts)} jobs complete; NOT "
+            f"complete: {', '.join(bad)} (see above)")
+
+
 def _folder_label(v: JobVerdict, f: FolderVerdict) -> str:
     if v.kind == IMAP_COPY:
         return f"folder {f.source!r} → {f.destination!r}"

@@ -585,3 +585,8 @@ def test_check_report_verify_with_cyrus_on_either_side(old_account, new_account,
             in to_copy["detail"], (to_copy, t)
     assert report["to-cyrus"]["folders"][0]["source"] == "INBOX"
     assert report["to-cyrus"]["folders"][0]["already_there"] == 1  # by Message-ID
+    # several jobs: the text ends with which of them need a look
+    assert verify_cli(config).stdout.splitlines()[-1] == \
+        "verify: 0 of 2 jobs complete; NOT complete: to-cyrus, from-cyrus (see above)"
+    assert run_cli("check", "-c", str(config)).stdout.splitlines()[-1] == \
+        "check: all 2 jobs ready to run"
