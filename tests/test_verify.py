@@ -353,6 +353,7 @@ def test_bad_config_and_unknown_job_exit_2(tmp_path, old_account, new_account):
     path = write_config(tmp_path / "c.toml", [imap_job("mig", old_account, new_account)])
     proc = verify_cli(path, "--job", "other")
     assert proc.returncode == 2 and "no job named 'other'" in proc.stderr
+    assert "accounts entry" not in proc.stderr  # the config has none: no hint about them
 
 
 def test_unreachable_destination_is_not_verified(old_account, tmp_path):
