@@ -319,6 +319,9 @@ def test_output_file_and_exit_codes(filled, old_account, new_account, tmp_path):
     assert "NOT PLANNED: IMAP login as" in text_out
     assert "overall: 2 jobs, 1 of them NOT PLANNED (see above, not counted here); the " \
            "others: " in text_out, text_out
+    html_out = run_cli("report", "-c", str(path2), "--format", "html", "--no-sample").stdout
+    assert "1 of 2 jobs NOT PLANNED (see above): not counted in these totals" in html_out
+    assert '<td class="bad">NOT PLANNED</td>' in html_out
     unwritable = run_cli("report", "-c", str(path), "-o", str(tmp_path / "no" / "dir.txt"))
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr
 
@@ -480,6 +483,10 @@ def test_html_page_in_headless_chromium(filled, old_account, new_account, tmp_pa
     assert byte_cells >= 2 * (2 + len(by))  # totals, the job and every folder: both sizes
     assert size_text(doc["totals"]["source_bytes"]) in dom.stdout
     assert not re.search(r">\d{5,}<", dom.stdout)  # no raw byte counts left on the page
+    # columns that are 0 for every folder of the job are left out, and said to be
+    assert "0 in every folder, so not shown: flag updates, to delete, failed earlier, " \
+           "quarantined</small>" in dom.stdout
+    assert "nothing to copy</small>" in dom.stdout and " % there</small>" in dom.stdout
     assert seen_folders == set(by) and len(by) == 5
     assert by["INBOX.Archive"]["already_there"] > 0 and by["INBOX"]["to_copy"] > 0
     # and it renders: a screenshot of the page
