@@ -27,7 +27,7 @@ def totals_text(t: dict) -> str:
 
 def folder_text(f: dict) -> str:
     line = (f"{f['source']} → {f['destination']} ({f['action']}, {f['why']}): "
-            f"{f['source_messages']} messages ({size_text(f['source_bytes'])}), "
+            f"{plural(f['source_messages'], 'message')} ({size_text(f['source_bytes'])}), "
             f"{f['already_there']} already there, {f['to_copy']} to copy "
             f"({size_text(f['to_copy_bytes'])}), {f['flags_to_update']} flag updates, "
             f"{f['to_delete']} to delete")
