@@ -110,6 +110,13 @@ def main() -> int:
             cold = False
             print(f"report {' '.join(extra) or '(text)'} {label}: {took:.2f} s"
                   + (f"  [{overall[0]}]" if overall else ""))
+        # check counts "to copy" with the report's planner: about the same time
+        t = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "migrate", "check", "-c", str(path)],
+                              capture_output=True, text=True, check=False)
+        took = time.monotonic() - t
+        to_copy = [ln.strip() for ln in proc.stdout.splitlines() if "to copy:" in ln]
+        print(f"check (exit {proc.returncode}): {took:.2f} s  {to_copy[:1]}")
         if args.profile:
             import cProfile
             import pstats

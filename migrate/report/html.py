@@ -24,6 +24,7 @@ th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:to
 th{background:#f0f0f0;position:sticky;top:0}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.n.zero{color:#aaa}td.name{white-space:nowrap}.bad{color:#b00;font-weight:bold}
+td.name .bad{white-space:normal}
 .warnings{background:#fff4e5;border:1px solid #f0a030;padding:.6em 1em;margin:1em 0}
 .warnings li{margin:.2em 0}.error{background:#fde8e8;border:1px solid #d33;padding:.6em 1em}
 .ok{background:#eaf7ea;border:1px solid #5a5;padding:.6em 1em}
