@@ -531,10 +531,18 @@ def _space(source_rep: EndpointReport, dest_rep: EndpointReport, src: ImapSessio
         if excluded["rule"].startswith("refused: "):
             source_rep.add("folders", False, f"folder {excluded['source']!r}: "
                            f"{excluded['rule'].removeprefix('refused: ')}")
+    unreadable = {f["source"] for f in numbers["folders"] if f["error"]}
     for f in numbers["folders"]:
         if f["error"]:
             source_rep.add("folders", False, f"cannot read folder {f['source']!r}: "
                            f"{f['error']}")
+    # what else the planner noticed (mail vanishing under another client, quarantined
+    # messages, a changed UIDVALIDITY): a run goes ahead, but look
+    said = tuple(f"folder {name!r} " for name in unreadable) + tuple(
+        f"folder {x['source']!r} is not copied" for x in numbers["excluded"])
+    for warning in numbers["warnings"]:
+        if not warning.startswith(said):
+            source_rep.add("folders", False, warning, severity=WARNING)
     t = numbers["totals"]
     source_rep.add("to copy", True,
                    f"{_count(t['folders'], 'folder')}, {_count(t['source_messages'], 'message')}"

@@ -480,6 +480,22 @@ def test_to_copy_is_the_reports_number(old_account, new_account, tmp_path):
             f"({size_text(totals['to_copy_bytes'])}) to copy") in detail, detail
 
 
+def test_mail_vanishing_at_the_source_is_a_warning(old_account, new_account, tmp_path):
+    """What the report warns about, check says too: a run goes ahead (exit 0), but
+    another client is deleting mail from the mailbox."""
+    fill(old_account, [2_000, 3_000, 4_000])
+    config = write_config(tmp_path / "c.toml", [imap_job("alice", old_account, new_account)],
+                          state_url(tmp_path))
+    assert run(config).ok
+    mailgen.expunge_first(old_account, "INBOX", 1)
+    proc, doc = check_json(config)
+    assert proc.returncode == 0, proc.stdout
+    (endpoint,) = [e for e in doc["jobs"][0]["endpoints"] if e["role"] == "source"]
+    (warning,) = [c for c in endpoint["checks"] if c["name"] == "folders"]
+    assert warning["severity"] == "warning" and not warning["ok"]
+    assert warning["detail"].startswith("folder 'INBOX': 1 message vanished from the source")
+
+
 # --- protocol binding ------------------------------------------------------------------
 
 def test_binding_conflict_from_state_database(old_account, new_account, tmp_path):
