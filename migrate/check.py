@@ -528,7 +528,7 @@ def _space(source_rep: EndpointReport, dest_rep: EndpointReport, src: ImapSessio
         source_rep.add("folders", False, f"cannot list the folders: {exc}")
         return
     for excluded in numbers["excluded"]:
-        if excluded["rule"].startswith("refused: "):
+        if excluded["refused"]:  # a run refuses it (e.g. two folders that would merge)
             source_rep.add("folders", False, f"folder {excluded['source']!r}: "
                            f"{excluded['rule'].removeprefix('refused: ')}")
     unreadable = {f["source"] for f in numbers["folders"] if f["error"]}

@@ -303,14 +303,16 @@ def plan_imap_folders(plan: _JobPlan, job: Job, src: ImapSession, dst: ImapSessi
         dst.prefix, job.folders, other_namespaces=job.other_namespaces)
     planned = {p.source for p in plans}
     for name, why in refused:
-        plan.doc["excluded"].append({"source": name, "rule": f"refused: {why}"})
+        plan.doc["excluded"].append({"source": name, "rule": f"refused: {why}",
+                                     "refused": True})
         plan.warn(f"folder {name!r} is not copied: {why}")
     refused_names = {n for n, _ in refused}
     for f in source_folders:
         if f.name in planned or f.name in refused_names:
             continue
         plan.doc["excluded"].append(
-            {"source": f.name, "rule": _why_excluded(f, job) or "not copied"})
+            {"source": f.name, "rule": _why_excluded(f, job) or "not copied",
+             "refused": False})
     limit = _appendlimit(dst)
     for p in sorted(plans, key=lambda p: folder_order(p.source)):
         plan.doc["folders"].append(
