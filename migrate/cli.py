@@ -470,9 +470,10 @@ def _plan_report(args, fmt: str, output: str | None, dry_run: bool) -> int:
     else:
         sys.stdout.write(rendered)
         sys.stdout.flush()
-    for job in document["jobs"]:
-        if job["error"]:
-            print(f"mailmigrate: error: {job['name']}: {job['error']}", file=sys.stderr)
+    if output or fmt != "text":  # the text on the terminal already says it
+        for job in document["jobs"]:
+            if job["error"]:
+                print(f"mailmigrate: error: {job['name']}: {job['error']}", file=sys.stderr)
     bad_rows = any(j["refused"] and j["source"] is None for j in document["jobs"])
     if bad_rows or (dry_run and any(j["refused"] for j in document["jobs"])):
         # a refused accounts row is a config error; a run would be refused (binding)

@@ -315,8 +315,10 @@ def test_output_file_and_exit_codes(filled, old_account, new_account, tmp_path):
     assert not bob["planned"] and "login" in bob["error"] and "failed" in bob["error"]
     assert job_of(doc, "alice")["planned"] and doc["totals"]["jobs_not_planned"] == 1
     assert "mailmigrate: error: bob: " in proc.stderr
-    text_out = run_cli("report", "-c", str(path2)).stdout
+    text_proc = run_cli("report", "-c", str(path2))
+    text_out = text_proc.stdout
     assert "NOT PLANNED: IMAP login as" in text_out
+    assert "mailmigrate: error" not in text_proc.stderr  # said once, in the text
     assert "overall: 2 jobs, 1 of them NOT PLANNED (see above, not counted here); the " \
            "others: " in text_out, text_out
     html_out = run_cli("report", "-c", str(path2), "--format", "html", "--no-sample").stdout
