@@ -10,7 +10,8 @@ The sequence itself - and with it the rules that keep mail safe - exists once:
 * only rows ``verified`` or ``deleting`` (an interrupted earlier deletion) are candidates,
   and a ``deleting`` row is looked at again exactly like a ``verified`` one;
 * the cap (--max-delete) is checked on all candidates of the job before anything is
-  deleted, before the dry-run branch, so a dry run reports what a real run would do;
+  deleted (the dry-run planner, migrate.report, applies the same ``check_cap``, so a dry
+  run reports what a real run would do);
 * a unit that cannot delete (e.g. no UID EXPUNGE) is refused before any intent is written;
 * the ``deleting`` intent is committed right before the destructive command, and
   ``deleted`` only after the server confirmed it.

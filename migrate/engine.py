@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -30,7 +27,7 @@ from .report import dry_run_results
 from .results import JobResult, plural
 from .runner import Counters, RunOptions
 from .store import (
-    DATABASE_ERRORS, Store, database_error_text, is_postgresql, sqlite_file,
+    DATABASE_ERRORS, Store, database_error_text, is_postgresql,
 )
 
 log = logging.getLogger("migrate")
@@ -51,23 +48,12 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
         return results
     selected = config.select(names)
     jobs = [item for item in selected if isinstance(item, Job)]
-    scratch = None
     if store is None:
         url = config.state_url
-        database = sqlite_file(url)
-        if options.dry_run and database is not None and not os.path.exists(database):
-            # A dry run creates no state database: it reads an empty one, as if no
-            # earlier run had happened, and throws it away.
-            scratch = tempfile.mkdtemp(prefix="mailmigrate-dry-run-")
-            url = f"sqlite:///{os.path.join(scratch, 'state.db')}"
         try:
             own_store = Store(url)
         except DATABASE_ERRORS as exc:
-            shutil.rmtree(scratch or "", ignore_errors=True)
             raise StateError(database_error_text(exc, url)) from None
-        except BaseException:
-            shutil.rmtree(scratch or "", ignore_errors=True)
-            raise
     else:
         own_store = None
     the_store = own_store or store
@@ -88,12 +74,11 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
 
     def one(item: Job | Refusal) -> JobResult:
         if isinstance(item, Refusal):  # a bad accounts row: refused without connecting
-            result = JobResult(item.name, item.kind, options.dry_run, exit_code=EXIT_REFUSED)
+            result = JobResult(item.name, item.kind, False, exit_code=EXIT_REFUSED)
             result.errors.append(item.message)
             return result
         if options.stop.is_set():  # interrupted: no new job starts
-            return JobResult(item.name, item.kind, options.dry_run, interrupted=True,
-                             started=False)
+            return JobResult(item.name, item.kind, False, interrupted=True, started=False)
         return run_job(item, the_store, options)
 
     results: list[JobResult | None] = [None] * len(selected)
@@ -121,23 +106,22 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
             slots.close()
         if own_store is not None:
             own_store.close()
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
-    """One job, whatever happens: its result, never an exception (but KeyboardInterrupt)."""
+    """One job, whatever happens: its result, never an exception (but KeyboardInterrupt).
+    A real run only: dry runs are planned by ``run_jobs`` (migrate.report)."""
+    if options.dry_run:
+        raise ValueError("run_job runs a job for real; plan a dry run with run_jobs")
     try:
-        if options.dry_run:  # read-only: may run beside a real run
-            return _run_job(job, store, options)
         with store.job_lock(job.name):
             return _run_job(job, store, options)
     except JobLocked as exc:
-        result = JobResult(job.name, job.kind, options.dry_run, exit_code=exc.exit_code)
+        result = JobResult(job.name, job.kind, False, exit_code=exc.exit_code)
         result.errors.append(str(exc))
         return result
     except Exception as exc:  # taking or releasing the lock failed
-        result = JobResult(job.name, job.kind, options.dry_run)
+        result = JobResult(job.name, job.kind, False)
         _job_error(result, exc, store)
         return result
 
@@ -160,28 +144,24 @@ def _job_error(result: JobResult, exc: Exception, store: Store) -> None:
 
 
 def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
-    result = JobResult(job.name, job.kind, options.dry_run)
+    result = JobResult(job.name, job.kind, False)
     counters = Counters()
     started = time.monotonic()
     worker_cls = ImapCopy if job.kind == IMAP_COPY else Pop3Archive
     run_id = None
     try:
-        # A dry run writes nothing to the state database: it only reads what earlier runs
-        # did.  The protocol binding is checked by the job right after its first
-        # connection (the server's certificate tells which server it is); a refusal there
-        # touches nothing.
-        if options.dry_run:
-            job_id = store.find_job(job.name)
-        else:
-            job_id = store.ensure_job(job.name, job.kind)
-            # we hold the job's lock: a run still "running" died without finishing
-            stale = store.abort_stale_runs(job_id)
-            if stale:
-                log.info("%s: %s left running by a killed process recorded as aborted",
-                         job.name, plural(stale, "earlier run"))
-            if options.retry_failed:
-                store.release_quarantine(job_id)
-            run_id = store.start_run(job_id, dry_run=False)
+        # The protocol binding is checked by the job right after its first connection
+        # (the server's certificate tells which server it is); a refusal there touches
+        # nothing.
+        job_id = store.ensure_job(job.name, job.kind)
+        # we hold the job's lock: a run still "running" died without finishing
+        stale = store.abort_stale_runs(job_id)
+        if stale:
+            log.info("%s: %s left running by a killed process recorded as aborted",
+                     job.name, plural(stale, "earlier run"))
+        if options.retry_failed:
+            store.release_quarantine(job_id)
+        run_id = store.start_run(job_id, dry_run=False)
         worker_cls(job, store, job_id, options, counters, result).run()
     except Exception as exc:  # noqa: BLE001 - every failure is this job's, reported
         _job_error(result, exc, store)
@@ -196,8 +176,6 @@ def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
     result.elapsed = time.monotonic() - started
     result.counts = dict(counters.values)
     result.interrupted = options.stop.is_set()
-    if result.plan:  # folders finish in any order; show them in a stable one
-        result.plan = sorted(result.plan, key=_plan_order)
     if result.interrupted:
         outcome = "aborted"
     elif not result.ok or result.exit_code != EXIT_OK:
@@ -212,15 +190,6 @@ def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
             result.errors.append("the outcome of this run could not be recorded: "
                                  + database_error_text(exc, store.safe_url))
     return result
-
-
-def _plan_order(line: str) -> tuple[int, str]:
-    """Dry-run plan: folders to create, then each folder by source name, then the rest."""
-    if line.startswith("would create folder"):
-        return 0, line
-    if line.startswith("folder "):
-        return 1, line
-    return 2, ""
 
 
 # Exit code precedence: a refusal or a failure is never hidden by another job having been

@@ -29,7 +29,7 @@ from .endpoints.imap import (AppendItem, FolderStatus, ImapSession, MessageMeta,
 from .limits import SlotWaitStopped
 from .results import plural
 from .runner import BackoffAccount, JobRunner, Progress, RunOptions, over_quota, retrying
-from .errors import ConnectionLost, FolderError, MigrateError, SafetyError
+from .errors import ConnectionLost, FolderError, MigrateError
 from .folders import FolderPlan, plan_folders
 from .states import PENDING, State
 from .store import MessageRow, flags_to_text
@@ -292,11 +292,6 @@ class ImapCopy(JobRunner):
         failed: set[str] = set()
         for p in plans:
             if p.create and p.destination not in created | failed:
-                if self.dry:
-                    self.result.plan.append(f"would create folder {p.destination!r} "
-                                            f"(from {p.source!r})")
-                    created.add(p.destination)
-                    continue
                 try:
                     dst.create_folder(p.destination)
                 except FolderError as exc:  # this folder is skipped, the others go on
@@ -311,17 +306,16 @@ class ImapCopy(JobRunner):
         # change from now on shows in the next run's STATUS, never gets lost between.
         self._statuses = (src.statuses(p.source for p in plans),
                           dst.statuses(p.destination for p in plans))
-        if not self.dry:
-            # Open each destination folder once, here, one at a time: servers that create
-            # special-use folders on first access (Dovecot's auto = create) have been seen
-            # to crash, and even lose mail, when parallel sessions do that at once.  One
-            # that answered STATUS exists already.
-            for name in dict.fromkeys(p.destination for p in plans
-                                      if p.destination not in self._statuses[1]):
-                try:
-                    dst.select(name, readonly=True)
-                except FolderError:
-                    pass  # reported by that folder's own sync
+        # Open each destination folder once, here, one at a time: servers that create
+        # special-use folders on first access (Dovecot's auto = create) have been seen to
+        # crash, and even lose mail, when parallel sessions do that at once.  One that
+        # answered STATUS exists already.
+        for name in dict.fromkeys(p.destination for p in plans
+                                  if p.destination not in self._statuses[1]):
+            try:
+                dst.select(name, readonly=True)
+            except FolderError:
+                pass  # reported by that folder's own sync
         return plans
 
     @staticmethod
@@ -360,8 +354,8 @@ class ImapCopy(JobRunner):
         for fr in runs:
             fr.source_status = seen_src.get(fr.plan.source)
             fr.destination_status = seen_dst.get(fr.plan.destination)
-        if not self.job_id or not any(fr.source_status and fr.source_status.highestmodseq
-                                      is not None for fr in runs):
+        if not any(fr.source_status and fr.source_status.highestmodseq is not None
+                   for fr in runs):
             return
         saved = self.store.saved_statuses(self.job_id)
         if not saved:
@@ -389,7 +383,7 @@ class ImapCopy(JobRunner):
         source's is the one from before the listing (whatever arrived since makes the
         next run look again); the destination's is taken now if this sync changed it."""
         src_now = fr.source_status
-        if self.dry or fr.folder_id is None or src_now is None:
+        if fr.folder_id is None or src_now is None:
             return
         dst_now = fr.destination_status
         if touched or dst_now is None:
@@ -425,17 +419,16 @@ class ImapCopy(JobRunner):
         sel = src.select(plan.source, readonly=True)  # EXAMINE: never sets \Seen
         fr.uidvalidity = sel.uidvalidity
 
-        dsel = self._select_destination(dst, plan)
-        frow = self.store.folder(self.job_id, plan.source) if self.job_id else None
+        dsel = dst.select(plan.destination, readonly=False)
+        frow = self.store.folder(self.job_id, plan.source)
         if frow and frow.uidvalidity not in (None, sel.uidvalidity):
             self.warn(f"folder {plan.source!r}: UIDVALIDITY changed ({frow.uidvalidity} → "
                       f"{sel.uidvalidity}); reconciling by Message-ID, size and content "
                       "hash instead of copying again")
-        if not self.dry:
-            frow = self.store.upsert_folder(self.job_id, plan.source, plan.destination,
-                                            sel.uidvalidity, dsel.uidvalidity if dsel else None)
-            fr.folder_id = frow.id
-            self.store.forget_folder_status(frow.id)  # skipped again only after a clean sync
+        frow = self.store.upsert_folder(self.job_id, plan.source, plan.destination,
+                                        sel.uidvalidity, dsel.uidvalidity)
+        fr.folder_id = frow.id
+        self.store.forget_folder_status(frow.id)  # skipped again only after a clean sync
         tally = _FolderTally()
         changes = self._changes_since(src, fr, sel, dsel, frow)
         for window in src.uid_windows():
@@ -447,31 +440,29 @@ class ImapCopy(JobRunner):
                 f"folder {plan.source!r}: {plural(tally.vanished, 'message')} vanished from "
                 "the source since the last run without mailmigrate deleting them; another "
                 "client (often a POP3 client) is deleting mail from this mailbox")
-        if tally.quarantined and not self.dry:
+        if tally.quarantined:
             example = tally.quarantined_example
             self.warn(f"folder {plan.source!r}: {plural(tally.quarantined, 'message')} "
                       "quarantined by earlier runs (not retried by themselves; "
                       "`mailmigrate run --retry-failed` tries again), e.g. UID "
                       f"{example.source_uid}: {example.last_error}")
-        if self.dry:  # the engine plans dry runs with migrate.report instead
-            return
         self._save_status(dst, fr, tally.unsettled, touched=tally.touched)
         log.info("%s: folder %r → %r: %d messages at the source, %d pending this run",
                  self.job.name, plan.source, plan.destination, tally.listed, tally.pending)
 
     def _changes_since(self, src: ImapSession, fr: FolderRun, sel: SelectInfo,
-                       dsel: SelectInfo | None, frow) -> _Changes | None:
+                       dsel: SelectInfo, frow) -> _Changes | None:
         """For a changed folder that was settled after the last clean sync, on both sides
         the same UIDVALIDITY as then and CONDSTORE at the source: which of the messages
         known then are still there (UID SEARCH), whose flags changed since that sync's
         HIGHESTMODSEQ (CHANGEDSINCE), and from which UID on messages are new.  None:
         list everything."""
         s = getattr(self, "_saved", {}).get(fr.plan.source)
-        if (s is None or not s.settled or frow is None or s.folder_id != frow.id
+        if (s is None or not s.settled or s.folder_id != frow.id
                 or s.folder_id in getattr(self, "_unsettled", ())
                 or s.destination_name != fr.plan.destination or not src.has("CONDSTORE")
                 or s.source[0] != sel.uidvalidity or frow.uidvalidity != sel.uidvalidity
-                or dsel is None or s.destination[0] != dsel.uidvalidity
+                or s.destination[0] != dsel.uidvalidity
                 or s.source[1] is None or s.source[3] is None):
             return None
         uidnext, modseq = s.source[1], s.source[3]
@@ -517,7 +508,7 @@ class ImapCopy(JobRunner):
         return metas
 
     def _sync_window(self, src: ImapSession, dst: ImapSession, fr: FolderRun,
-                     sel: SelectInfo, dsel: SelectInfo | None, frow, window: str,
+                     sel: SelectInfo, dsel: SelectInfo, frow, window: str,
                      metas: list[MessageMeta], tally: _FolderTally, progress: Progress
                      ) -> None:
         """Source UIDs in ``window`` ('a:b', or 'a:*' for the last), ``metas`` the
@@ -527,22 +518,17 @@ class ImapCopy(JobRunner):
         by_uid = {m.uid: m for m in metas}
         tally.listed += len(metas)
         low, _, high = window.partition(":")
-        if not self.dry:
-            self.store.add_messages(frow.id, [
-                {"source_key": source_key(sel.uidvalidity, m.uid),
-                 "source_uidvalidity": sel.uidvalidity, "source_uid": m.uid,
-                 "size": m.size, "message_id": m.message_id, "flags": m.flags,
-                 "internaldate": m.internaldate} for m in metas])
+        self.store.add_messages(frow.id, [
+            {"source_key": source_key(sel.uidvalidity, m.uid),
+             "source_uidvalidity": sel.uidvalidity, "source_uid": m.uid,
+             "size": m.size, "message_id": m.message_id, "flags": m.flags,
+             "internaldate": m.internaldate} for m in metas])
         rows = self.store.messages_in_uid_range(
-            frow.id, sel.uidvalidity, int(low), None if high == "*" else int(high)) \
-            if frow else {}
+            frow.id, sel.uidvalidity, int(low), None if high == "*" else int(high))
         del metas
-        if self.dry:  # rows for messages no earlier run has seen
-            for m in by_uid.values():
-                rows.setdefault(source_key(sel.uidvalidity, m.uid), _fresh_row(m))
 
         tally.vanished += self._reconcile_vanished(plan, rows, by_uid)
-        if not self.dry and not self.job.delete_after_verify:
+        if not self.job.delete_after_verify:
             # left "deleting" by a run with deletion on; deletion is off now: keep them
             undo = [r for r in rows.values() if r.state == State.DELETING]
             self.store.transition(State.VERIFIED, [{"id": r.id} for r in undo])
@@ -550,26 +536,25 @@ class ImapCopy(JobRunner):
                 r.state = State.VERIFIED
         here = [r for r in rows.values() if r.source_uid in by_uid]
         known: list[MessageRow] = []
-        if not self.dry:
-            self._refind_after_destination_reset(fr, dsel, here)
-            self._quarantine_repeated_failures(fr, here)
-            # A message whose copy is already at the destination (appended by a run that
-            # stopped before verifying, or failed verification) is checked, never
-            # appended a second time: at most one copy per source message.
-            known = [r for r in here if r.state in (State.COPIED, State.FAILED)
-                     and r.destination_uid and r.sha256
-                     and r.destination_uidvalidity == dsel.uidvalidity]
-            # 'copied' without a usable copy (the destination folder was re-created
-            # since): copied again below, after the duplicate check finds what is there
-            known_ids = {r.id for r in known}
-            lost = [r for r in here if r.state == State.COPIED and r.id not in known_ids]
-            self.store.transition(State.FAILED, [
-                {"id": r.id, "destination_uid": None,
-                 "last_error": "the copy is unknown at the destination"} for r in lost])
-            for r in lost:
-                r.state, r.destination_uid = State.FAILED, None
-            if known:
-                self._check_known_copies(dst, dsel, fr, known, by_uid, progress)
+        self._refind_after_destination_reset(fr, dsel, here)
+        self._quarantine_repeated_failures(fr, here)
+        # A message whose copy is already at the destination (appended by a run that
+        # stopped before verifying, or failed verification) is checked, never
+        # appended a second time: at most one copy per source message.
+        known = [r for r in here if r.state in (State.COPIED, State.FAILED)
+                 and r.destination_uid and r.sha256
+                 and r.destination_uidvalidity == dsel.uidvalidity]
+        # 'copied' without a usable copy (the destination folder was re-created
+        # since): copied again below, after the duplicate check finds what is there
+        known_ids = {r.id for r in known}
+        lost = [r for r in here if r.state == State.COPIED and r.id not in known_ids]
+        self.store.transition(State.FAILED, [
+            {"id": r.id, "destination_uid": None,
+             "last_error": "the copy is unknown at the destination"} for r in lost])
+        for r in lost:
+            r.state, r.destination_uid = State.FAILED, None
+        if known:
+            self._check_known_copies(dst, dsel, fr, known, by_uid, progress)
         pending = sorted((r for r in here if r.state in (State.SEEN, State.APPENDING,
                                                          State.FAILED, State.COPIED)),
                          key=lambda r: r.source_uid)
@@ -580,9 +565,6 @@ class ImapCopy(JobRunner):
         tally.pending += len(pending)
         progress.grow(len(pending))
 
-        if self.dry:  # the engine plans dry runs with migrate.report instead
-            return
-        assert dsel is not None
         if pending:
             if tally.copy_context is None:
                 tally.copy_context = self._copy_context(src, dst, fr, dsel, by_uid)
@@ -593,11 +575,6 @@ class ImapCopy(JobRunner):
         tally.touched = tally.touched or bool(pending or known or flags_changed)
         work = set(self._unsettled_states())
         tally.unsettled = tally.unsettled or any(r.state in work for r in rows.values())
-
-    def _select_destination(self, dst: ImapSession, plan: FolderPlan) -> SelectInfo | None:
-        if self.dry and plan.create:
-            return None  # would be created; nothing there yet
-        return dst.select(plan.destination, readonly=self.dry)
 
     def _reconcile_vanished(self, plan, rows: dict[str, MessageRow], by_uid) -> int:
         """Rows back at the source are revived, rows gone from it settled; returns how
@@ -1151,15 +1128,6 @@ class ImapCopy(JobRunner):
         return seen
 
     def _delete_phase(self, pool: SessionPool, runs: list[FolderRun]) -> None:
-        if self.dry:
-            # The cap is checked on what a real run would delete, so the dry run tells.
-            would = self.counters.values.get("would_delete", 0) + \
-                self.counters.values.get("would_copy", 0)
-            try:
-                deletion.check_cap(self.job.name, would, self.options.max_delete)
-            except SafetyError as exc:
-                self.result.plan.append(f"deletion would be refused: {exc}")
-            return
         work = []
         for fr in runs:
             if fr.error or fr.uidvalidity is None or not fr.plan.personal:
@@ -1213,13 +1181,6 @@ class _ImapFolder:
         faults.checkpoint("before-expunge")
         self.src.delete([r.source_uid for r in rows])
         faults.checkpoint("after-expunge")
-
-
-def _fresh_row(m: MessageMeta) -> MessageRow:
-    return MessageRow(id=-m.uid, source_key="", source_uid=m.uid, size=m.size,
-                      message_id=m.message_id, sha256=None, flags=m.flags, state=State.SEEN,
-                      destination_uidvalidity=None, destination_uid=None,
-                      destination_path=None, verified_at=None, attempts=0)
 
 
 def _chunks(seq: Sequence, n: int):

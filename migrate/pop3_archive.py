@@ -48,11 +48,11 @@ def generation_key(key: str, generation: int) -> str:
 
 
 class Pop3Archive(JobRunner):
-    def __init__(self, job: Job, store: Store, job_id: int | None, options: RunOptions,
+    def __init__(self, job: Job, store: Store, job_id: int, options: RunOptions,
                  counters: Counters, result: JobResult):
         super().__init__(job, store, job_id, options, counters, result)
         self.archive = MaildirArchive(job.archive.path)
-        self.folder_id: int | None = None
+        self.folder_id: int | None = None  # set by run()
         self.drops: dict[str, int] = {}  # source key → connection drops during its RETR
         # failed in this run (refused, mismatch, dropped the connection every time): a
         # reconnect within the run does not try them again, the next run does
@@ -62,12 +62,8 @@ class Pop3Archive(JobRunner):
         self._settling: Future | None = None
 
     def run(self) -> None:
-        if not self.dry:
-            self.folder_id = self.store.upsert_folder(
-                self.job_id, FOLDER, str(self.job.archive.path), None).id
-        elif self.job_id is not None:
-            row = self.store.folder(self.job_id, FOLDER)
-            self.folder_id = row.id if row else None
+        self.folder_id = self.store.upsert_folder(
+            self.job_id, FOLDER, str(self.job.archive.path), None).id
         progress = Progress(self.job.name, self.options.progress)
         try:
             reached = False
@@ -100,9 +96,8 @@ class Pop3Archive(JobRunner):
         settler = ThreadPoolExecutor(1, thread_name_prefix=f"mm-{self.job.name}-settle")
         try:
             self.bind_source(session.server_aliases)
-            if not self.dry:
-                self.archive.ensure()
-                self.archive.remove_leftovers(self.job.name)
+            self.archive.ensure()
+            self.archive.remove_leftovers(self.job.name)
             session.require_uidl()
             listing = session.list_messages()
             listing, rows = self._reconcile(listing)
@@ -110,9 +105,6 @@ class Pop3Archive(JobRunner):
             pending = [rows[m.key] for m in listing
                        if rows[m.key].state in (State.SEEN, State.APPENDING, State.FAILED)
                        and m.key not in self.failed_keys]
-            if self.dry:  # the engine plans dry runs with migrate.report instead
-                session.close()
-                return
             progress.grow(len(pending))
             # Messages that dropped the connection go last, one at a time, so that the
             # others are archived first and a drop is pinned on the right message.
@@ -144,19 +136,12 @@ class Pop3Archive(JobRunner):
 
     def _reconcile(self, listing: list[Pop3Message]
                    ) -> tuple[list[Pop3Message], dict[str, MessageRow]]:
-        known = self.store.messages(self.folder_id) if self.folder_id else {}
+        known = self.store.messages(self.folder_id)
         listing = [dataclasses.replace(m, key=self._row_key(m, known)) for m in listing]
-        if not self.dry:
-            self.store.add_messages(self.folder_id, [
-                {"source_key": m.key, "size": m.size} for m in listing])
-        rows = self.store.messages(self.folder_id) if self.folder_id else {}
+        self.store.add_messages(self.folder_id, [
+            {"source_key": m.key, "size": m.size} for m in listing])
+        rows = self.store.messages(self.folder_id)
         present = {m.key for m in listing}
-        for m in listing:  # dry run: messages no earlier run has seen
-            rows.setdefault(m.key, MessageRow(
-                id=-m.number, source_key=m.key, source_uid=None, size=m.size,
-                message_id=None, sha256=None, flags=frozenset(), state=State.SEEN,
-                destination_uidvalidity=None, destination_uid=None, destination_path=None,
-                verified_at=None, attempts=0))
         self.revive([r for k, r in rows.items() if k in present])
         vanished = self.settle_missing([r for k, r in rows.items() if k not in present])
         if vanished:

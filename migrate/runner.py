@@ -41,6 +41,7 @@ def over_quota(text: str) -> bool:
 
 @dataclass
 class RunOptions:
+    # run_jobs plans a dry run with migrate.report; the jobs themselves never see one
     dry_run: bool = False
     max_delete: int | None = None
     progress: bool | None = None  # None: only when stderr is a TTY
@@ -114,7 +115,7 @@ class JobRunner:
     """What both jobs share: their context, error/warning collection, and what to make
     of messages that are no longer at the source."""
 
-    def __init__(self, job: Job, store: Store, job_id: int | None, options: RunOptions,
+    def __init__(self, job: Job, store: Store, job_id: int, options: RunOptions,
                  counters: Counters, result: JobResult):
         self.job = job
         self.store = store
@@ -122,7 +123,6 @@ class JobRunner:
         self.options = options
         self.counters = counters
         self.result = result
-        self.dry = options.dry_run
         self._lock = threading.Lock()
         self._errors = 0
         self._halted: str | None = None  # why this job stops early, once it does
@@ -212,8 +212,7 @@ class JobRunner:
         src, job = self.job.source, self.job
         self.store.bind_mailbox(
             aliases, f"{src.host}:{src.port}", src.username, src.protocol, job.name,
-            deletes=job.delete_after_verify or job.leave_on_server_days is not None,
-            check_only=self.dry)
+            deletes=job.delete_after_verify or job.leave_on_server_days is not None)
 
     def keep_back(self, gone: Sequence[MessageRow], why: dict[int, str], report: str) -> None:
         """Messages whose copy is gone when looked at right before deleting the
@@ -232,7 +231,7 @@ class JobRunner:
         """Rows marked vanished whose message is back at the source (some servers hide
         messages for a while): they go through the copy path again — never lost."""
         back = [r for r in present if r.state == State.VANISHED]
-        if back and not self.dry:
+        if back:
             self.store.transition(State.SEEN, [{"id": r.id} for r in back])
         for r in back:
             r.state = State.SEEN
@@ -245,13 +244,12 @@ class JobRunner:
         theirs = [r for r in missing if r.state in (State.SEEN, State.APPENDING, State.COPIED,
                                                     State.VERIFIED, State.FAILED,
                                                     State.QUARANTINED)]
-        if not self.dry:
-            self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
-                              (State.VANISHED, [{"id": r.id} for r in theirs], False)])
-            for r in ours:
-                r.state = State.DELETED
-            for r in theirs:
-                r.state = State.VANISHED
+        self.store.apply([(State.DELETED, [{"id": r.id} for r in ours], False),
+                          (State.VANISHED, [{"id": r.id} for r in theirs], False)])
+        for r in ours:
+            r.state = State.DELETED
+        for r in theirs:
+            r.state = State.VANISHED
         self.counters.add("vanished", len(theirs))
         return len(theirs)
 
