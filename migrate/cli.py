@@ -15,9 +15,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from . import config as config_mod
-from .engine import exit_code, run_jobs
 from .results import JobResult, plural, run_document, total_line
-from .runner import RunOptions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, MigrateError
 
 log = logging.getLogger("migrate")
@@ -185,6 +183,11 @@ def _run(args) -> int:
         return EXIT_REFUSED
     if args.dry_run:  # the report, read-only, instead of a run
         return _plan_report(args, "json" if args.json else "text", None, dry_run=True)
+    # each command imports what it needs, here and below: start-up time is part of every
+    # cron run, and a run needs neither the report nor check, verify or the task queue
+    from .engine import exit_code, run_jobs
+    from .runner import RunOptions
+
     cfg = config_mod.load(args.config)
     cfg.select(args.job)  # unknown names fail before anything runs
     options = RunOptions(dry_run=args.dry_run, max_delete=args.max_delete, workers=args.workers,
@@ -322,6 +325,8 @@ def _add_worker_commands(sub) -> None:
 
 def _workers_command(args) -> int:
     from . import workers
+    from .engine import exit_code
+    from .runner import RunOptions
 
     cfg = config_mod.load(args.config)
     if args.command == "db":

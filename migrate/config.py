@@ -19,9 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from .errors import ConfigError
 from .secrets import ADMIN_KINDS, TOKEN_COMMAND, PasswordSource
 from .secrets import KINDS as PASSWORD_KINDS
@@ -357,6 +354,9 @@ def _state_url_problem(url: object) -> str | None:
     shown = _show(redact_url(url))
     if CONTROL_CHARS_RE.search(url):
         return f" = {shown} contains a control character"
+    from sqlalchemy.engine import make_url  # only here: check-config, verify need no SQL
+    from sqlalchemy.exc import ArgumentError
+
     try:
         backend = make_url(url).get_backend_name()
     except (ArgumentError, ValueError):

@@ -20,10 +20,7 @@ from .config import IMAP_COPY, Config, Job, Refusal
 from .errors import (
     EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, JobLocked, MigrateError, StateError,
 )
-from .imap_copy import ImapCopy
 from .limits import ConnectionLimits, SharedConnectionLimits
-from .pop3_archive import Pop3Archive
-from .report import dry_run_results
 from .results import JobResult, plural
 from .runner import Counters, RunOptions
 from .store import (
@@ -41,6 +38,8 @@ def run_jobs(config: Config, names: Sequence[str] | None, options: RunOptions,
     Whatever goes wrong in one job is that job's error: the others still run.  Every
     job of the run shares one connection limit per server (``max_connections``)."""
     if options.dry_run:  # read-only: the report's planner, never the jobs themselves
+        from .report import dry_run_results  # only here: a run does not load the planner
+
         results = dry_run_results(config, names, options)
         for r in results:
             if on_result is not None:
@@ -126,6 +125,18 @@ def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
         return result
 
 
+def _job_class(kind: str) -> type:
+    """The job's runner, imported when a job of that kind runs: a run loads only the
+    protocol libraries its jobs use (imapclient or poplib and the Maildir writer)."""
+    if kind == IMAP_COPY:
+        from .imap_copy import ImapCopy
+
+        return ImapCopy
+    from .pop3_archive import Pop3Archive
+
+    return Pop3Archive
+
+
 def _job_error(result: JobResult, exc: Exception, store: Store) -> None:
     """An exception that ended a job, as one error line for the admin (the traceback
     only with -vv)."""
@@ -147,7 +158,7 @@ def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
     result = JobResult(job.name, job.kind, False)
     counters = Counters()
     started = time.monotonic()
-    worker_cls = ImapCopy if job.kind == IMAP_COPY else Pop3Archive
+    worker_cls = _job_class(job.kind)
     run_id = None
     try:
         # The protocol binding is checked by the job right after its first connection
