@@ -10,8 +10,13 @@ on loopback TLS, copied once before measuring):
   (``/usr/bin/time -v``), and the time spent importing (the sum of ``-X importtime``'s
   self times, from a separate process), and how many modules were imported.
 
-The checkouts take turns in every round, so machine load hits them alike; medians are
-printed.  Absolute times depend on the machine; the ratios are the point.
+The checkouts take turns in every round, so machine load hits them alike; the median and
+the minimum (the least disturbed by other processes) are printed.  Absolute times depend on the machine; the ratios are the point.
+
+Bytecode: an installed mailmigrate has its .pyc files (pip compiles them); a checkout run
+with PYTHONDONTWRITEBYTECODE=1 compiles every module it imports at every start.  By
+default the children cache bytecode under a temporary PYTHONPYCACHEPREFIX (as installed);
+``--no-bytecode-cache`` measures the compile-every-time case.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import trustme
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.big_folder import fill  # noqa: E402
+from big_folder import fill  # noqa: E402 - this script's own directory
 from tests.rig.dovecot import DovecotServer  # noqa: E402
 from tests.rig.jobs import imap_job, write_config  # noqa: E402
 
@@ -42,13 +47,16 @@ COUNT = ("import runpy, sys; sys.argv = ['mailmigrate'] + sys.argv[1:]\n"
          "finally:\n    print('modules', len(sys.modules), file=sys.stderr)")
 
 
+ENV = dict(os.environ)
+
+
 def child(code: Path, args: list[str], *, importtime: bool = False, timed: bool = False
           ) -> subprocess.CompletedProcess:
     cmd = [sys.executable] + (["-X", "importtime"] if importtime else []) + ["-c", COUNT]
     if timed:
         cmd = ["/usr/bin/time", "-v"] + cmd
     proc = subprocess.run(cmd + args, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(code)}, cwd=str(code))
+                          env={**ENV, "PYTHONPATH": str(code)}, cwd=str(code))
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"mailmigrate {' '.join(args)} failed (exit {proc.returncode})")
@@ -91,7 +99,15 @@ def main() -> int:
     ap.add_argument("--code", action="append", type=Path,
                     help="checkout(s) whose migrate/ to run (default: this one)")
     ap.add_argument("--json", type=Path, help="write the numbers here too")
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="compile the modules at every start (PYTHONDONTWRITEBYTECODE=1)")
     args = ap.parse_args()
+    if args.no_bytecode_cache:
+        ENV["PYTHONDONTWRITEBYTECODE"] = "1"
+        ENV.pop("PYTHONPYCACHEPREFIX", None)
+    else:
+        ENV.pop("PYTHONDONTWRITEBYTECODE", None)
+        ENV["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="mailmigrate-pycache-")
     codes = [c.resolve() for c in args.code or [ROOT]]
 
     ca = trustme.CA()
@@ -112,6 +128,7 @@ def main() -> int:
                                          [imap_job("start", src, dst)],
                                          state_url=f"sqlite:///{work}/state{k}.db")
             child(code, ["run", "-c", str(configs[code]), "--no-progress"])  # the copy
+            child(code, ["status", "-c", str(configs[code])])  # bytecode for status too
         for _ in range(args.repeat):
             for code in codes:
                 s = samples[str(code)]
@@ -128,12 +145,15 @@ def main() -> int:
                     s.setdefault(f"{name}_import_ms", []).append(import_ms(traced))
                     s.setdefault(f"{name}_modules", []).append(modules(traced))
         out = {"messages": args.messages, "folders": args.folders, "repeat": args.repeat,
-               "medians": {c: {k: round(statistics.median(v), 3) for k, v in s.items()}
-                           for c, s in samples.items()}}
-        for code, medians in out["medians"].items():
-            print(f"[{code}]")
-            for key, value in medians.items():
-                print(f"  {key:22} {value}")
+               "bytecode_cache": not args.no_bytecode_cache,
+               "median": {c: {k: round(statistics.median(v), 3) for k, v in s.items()}
+                          for c, s in samples.items()},
+               "min": {c: {k: round(min(v), 3) for k, v in s.items()}
+                       for c, s in samples.items()}}
+        for code in out["median"]:
+            print(f"[{code}]  median / min")
+            for key, value in out["median"][code].items():
+                print(f"  {key:22} {value:9} {out['min'][code][key]:9}")
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
         return 0
