@@ -30,6 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.rig import mailgen  # noqa: E402
+
+# Children run as an installed mailmigrate would: with cached bytecode (pip compiles it),
+# not recompiling every module at every start as PYTHONDONTWRITEBYTECODE=1 makes them.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+os.environ.setdefault("PYTHONPYCACHEPREFIX", tempfile.mkdtemp(prefix="mailmigrate-pycache-"))
 from tests.rig.dovecot import DovecotServer  # noqa: E402
 from tests.rig.jobs import imap_job, write_config  # noqa: E402
 

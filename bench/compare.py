@@ -47,6 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench import fill_fast, sizes  # noqa: E402  (bench/bench.py, beside this file)
 from tests.rig import mailgen  # noqa: E402
+
+# Children run as an installed mailmigrate would: with cached bytecode (pip compiles it),
+# not recompiling every module at every start as PYTHONDONTWRITEBYTECODE=1 makes them.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+os.environ.setdefault("PYTHONPYCACHEPREFIX", tempfile.mkdtemp(prefix="mailmigrate-pycache-"))
 from tests.rig.dovecot import DOVECOT, DovecotServer  # noqa: E402
 from tests.rig.jobs import imap_job, write_config  # noqa: E402
 
