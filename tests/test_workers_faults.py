@@ -1,0 +1,163 @@
+"""Trying to break the workers (issue 11, second pass): a lost slot-lock session, a
+worker frozen past its heartbeat, kill -9 while deleting, enqueue while running, and
+status beside a dead worker.  Real PostgreSQL and Dovecot; workers are OS processes;
+every wait polls with a deadline."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+
+import psycopg
+import pytest
+
+from migrate.limits import server_lock_key
+from migrate.store import MAILBOX_TASK
+from tests.rig import mailgen
+from tests.rig.countingproxy import CountingProxy
+from tests.rig.interrupt import count_in, fill_many, hashes_at, hashes_of
+from tests.rig.jobs import run_cli
+from tests.test_accounts import _accounts_entry, _hashes, _mailboxes
+from tests.test_workers import (
+    DEADLINE, _assert_never_overlapping, _config, _enqueue, _libpq, _output, _queue, _runs,
+    _start_worker, _status, _stop, _upgrade, _wait_until,
+)
+
+
+def _job(name, old_account, new_account, **extra) -> dict:
+    return {"name": name, "kind": "imap-copy", "source": old_account.endpoint_toml(),
+            "destination": new_account.endpoint_toml(), **extra}
+
+
+def _source_left(account) -> collections.Counter:
+    return hashes_at(account)
+
+
+def _hold_source_slot(pg_url: str, port: int, slot: int = 0) -> psycopg.Connection:
+    """Another process holding a connection slot of the source server."""
+    holder = psycopg.connect(_libpq(pg_url), autocommit=True)
+    key = server_lock_key(("127.0.0.1", port))
+    assert holder.execute("SELECT pg_try_advisory_lock(%s, %s)", (key, slot)).fetchone()[0]
+    return holder
+
+
+def _wait_for_kill(proc) -> None:
+    """The worker killed itself at its crash point (else it is stopped: no leftover)."""
+    try:
+        code = proc.wait(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == -signal.SIGKILL, _output(proc)
+
+
+# --- 3. kill -9 while deleting ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("point", ["before-delete:1", "after-delete:1", "before-expunge:1"])
+def test_kill_9_while_deleting_another_worker_finishes_each_message_once(
+        point, old_account, new_account, pg_url, tmp_path):
+    bodies = fill_many(old_account, 200)
+    path = _config(tmp_path, [_job("mover", old_account, new_account,
+                                   delete_after_verify=True)], pg_url)
+    _upgrade(path)
+    _enqueue(path)
+    doomed = _start_worker(path, tmp_path, "--batch-messages", "50",
+                           env={"MAILMIGRATE_CRASH_AT": point})
+    _wait_for_kill(doomed)
+    # the crash left the job "running" in the queue, and the source not yet emptied
+    assert _queue(pg_url) == {"doing": 1}
+    assert count_in(new_account) == 200
+    other = _start_worker(path, tmp_path, "--batch-messages", "50")
+    try:
+        _wait_until("the job done by the other worker",
+                    lambda: _queue(pg_url) == {"succeeded": 1}, [other])
+    finally:
+        _stop([other])
+    assert hashes_at(new_account) == hashes_of(bodies)  # all 200, each exactly once
+    assert _source_left(old_account) == {}  # every original deleted, after its copy
+    runs = _runs(pg_url)["mover"]
+    assert [(r["outcome"], r["pid"]) for r in runs] == [("aborted", doomed.pid),
+                                                        ("ok", other.pid)]
+    _assert_never_overlapping({"mover": runs})
+
+
+# --- 4. enqueue while the job runs -----------------------------------------------------
+
+
+def test_enqueue_while_the_job_runs_queues_exactly_one_more_run(
+        old_account, new_account, pg_url, tmp_path):
+    mailgen.fill(old_account, [mailgen.TestMessage("INBOX", b, (), None)
+                               for b in fill_bodies(4)])
+    path = _config(tmp_path, [_job("solo", old_account, new_account,
+                                   source=old_account.endpoint_toml(max_connections=1))],
+                   pg_url)
+    _upgrade(path)
+    _enqueue(path)
+    # the job starts but waits for the source's only connection slot: it stays running
+    holder = _hold_source_slot(pg_url, old_account.endpoint_toml()["port"])
+    worker = _start_worker(path, tmp_path)
+    try:
+        _wait_until("the job running", lambda: _runs(pg_url).get("solo"), [worker])
+        assert _queue(pg_url) == {"doing": 1}
+        assert "enqueued 1 job; 0 already waiting" in _enqueue(path)
+        assert "enqueued 0 jobs; 1 already waiting" in _enqueue(path)  # not several
+        assert _queue(pg_url) == {"doing": 1, "todo": 1}
+        holder.close()
+        _wait_until("both runs done", lambda: _queue(pg_url) == {"succeeded": 2}, [worker])
+    finally:
+        holder.close()
+        _stop([worker])
+    runs = _runs(pg_url)["solo"]
+    assert [r["outcome"] for r in runs] == ["ok", "ok"]
+    assert [r["copied"] for r in runs] == [4, 0]  # the second found nothing new
+    _assert_never_overlapping({"solo": runs})
+
+
+def fill_bodies(count: int, seed: int = 11) -> list[bytes]:
+    import random
+
+    rng = random.Random(seed)
+    return [mailgen.make_message(rng, i)[0] for i in range(count)]
+
+
+# --- 5. status beside a dead worker ----------------------------------------------------
+
+
+def test_status_of_a_job_whose_worker_died_says_so(old_account, new_account, pg_url,
+                                                    tmp_path):
+    fill_many(old_account, 100)
+    path = _config(tmp_path, [_job("orphan", old_account, new_account)], pg_url)
+    _upgrade(path)
+    _enqueue(path)
+    doomed = _start_worker(path, tmp_path, "--batch-messages", "20",
+                           env={"MAILMIGRATE_CRASH_AT": "after-append:2"})
+    _wait_for_kill(doomed)
+    worker_id_name = f"pid {doomed.pid}"
+    # no live worker: nobody has handed the job back yet
+    doc = _wait_until("the dead worker's heartbeat late", lambda: (
+        lambda d: d if d["queue"]["workers"] and d["queue"]["workers"][0]["stalled"]
+        else None)(_status(path)))
+    assert doc["queue"]["running"] == 1 and doc["queue"]["alive_workers"] == 0
+    (running,) = doc["queue"]["running_jobs"]
+    assert running["job"] == "orphan" and running["pid"] == doomed.pid
+    assert running["worker_stalled"] is True
+    text = run_cli("status", "-c", str(path)).stdout
+    assert "0 workers alive, 1 not heard from" in text
+    assert "running: orphan on " in text and worker_id_name in text
+    assert "its worker is not heard from since" in text
+    assert "goes back into the queue when a worker" in text
+    # a worker started now hands it back and finishes it
+    worker = _start_worker(path, tmp_path)
+    try:
+        _wait_until("the job done", lambda: _queue(pg_url) == {"succeeded": 1}, [worker])
+    finally:
+        _stop([worker])
+    doc = _status(path)
+    assert doc["queue"]["running"] == 0 and doc["queue"]["running_jobs"] == []
+    assert doc["jobs"][0]["running_run"] is None
+    assert count_in(new_account) == 100
+
+
+_ = (time, CountingProxy, MAILBOX_TASK, _hashes, _mailboxes, _accounts_entry)
