@@ -76,7 +76,8 @@ def status_document(config: Config, store: Store | None, names: Sequence[str] | 
     for doc in docs:
         doc["queue"] = _queued(queue["latest"].get(doc["name"])) if queue else None
     return {"schema": STATUS_SCHEMA, "generated_at": now_text(), "state_database": database,
-            "database_exists": store is not None, "queue": _queue(queue, docs),
+            "database_exists": store is not None,
+            "queue": _queue(queue, docs, config.workers.stalled_after_seconds),
             "jobs": docs}
 
 
@@ -95,8 +96,10 @@ def _queued(row: dict | None) -> dict | None:
             "worker_id": row["worker_id"]}
 
 
-def _queue(queue: dict | None, jobs: list[dict]) -> dict | None:
-    """The whole queue: mailbox tasks by state, which jobs run where, the workers."""
+def _queue(queue: dict | None, jobs: list[dict], stalled_after: float) -> dict | None:
+    """The whole queue: mailbox tasks by state, which jobs run where, the workers.  A
+    worker silent for longer than ``stalled_after`` seconds is "stalled": killed, or its
+    host is down; its running job goes back into the queue when a live worker sees it."""
     if queue is None:
         return None
     counts = {name: 0 for name in ("waiting", "running", "failed", "done", "cancelled",
@@ -104,13 +107,25 @@ def _queue(queue: dict | None, jobs: list[dict]) -> dict | None:
     for status, n in queue["counts"].items():
         name = QUEUE_STATES.get(status, status)
         counts[name] = counts.get(name, 0) + n
-    running = [{"job": j["name"], "host": (j["running_run"] or {}).get("host"),
-                "pid": (j["running_run"] or {}).get("pid"),
-                "since": (j["running_run"] or {}).get("started_at")}
-               for j in jobs if j["queue"] and j["queue"]["state"] == "running"]
-    return {**counts, "running_jobs": running,
-            "workers": [{"id": w["id"], "last_heartbeat": _when(w["last_heartbeat"])}
-                        for w in queue["workers"]]}
+    workers = [{"id": w["id"], "last_heartbeat": _when(w["last_heartbeat"]),
+                "silent_seconds": round(float(w["silent_seconds"]), 1),
+                "stalled": float(w["silent_seconds"]) > stalled_after}
+               for w in queue["workers"]]
+    by_id = {w["id"]: w for w in workers}
+    running = []
+    for j in jobs:
+        if not (j["queue"] and j["queue"]["state"] == "running"):
+            continue
+        run = j["running_run"] or {}
+        worker = by_id.get(j["queue"]["worker_id"])
+        running.append({"job": j["name"], "host": run.get("host"), "pid": run.get("pid"),
+                        "since": run.get("started_at"), "worker_id": j["queue"]["worker_id"],
+                        # gone from the table (pruned) or silent: not really running
+                        "worker_stalled": worker is None or worker["stalled"],
+                        "worker_last_heartbeat": worker and worker["last_heartbeat"]})
+    return {**counts, "running_jobs": running, "workers": workers,
+            "alive_workers": sum(not w["stalled"] for w in workers),
+            "stalled_after_seconds": stalled_after}
 
 
 def status_text(doc: dict) -> list[str]:
@@ -119,12 +134,21 @@ def status_text(doc: dict) -> list[str]:
     lines = []
     queue = doc.get("queue")
     if queue is not None:
+        silent = len(queue["workers"]) - queue["alive_workers"]
         lines.append(f"queue: {queue['waiting']} waiting, {queue['running']} running, "
                      f"{queue['failed']} failed, {queue['done']} done; "
-                     f"{plural(len(queue['workers']), 'worker')} alive")
+                     f"{plural(queue['alive_workers'], 'worker')} alive"
+                     + (f", {silent} not heard from" if silent else ""))
         for r in queue["running_jobs"]:
             where = f"on {r['host']} (pid {r['pid']}, since {r['since']})" if r["host"] \
                 else "(starting)"
+            if r["worker_stalled"]:
+                heard = (f"since {r['worker_last_heartbeat']}" if r["worker_last_heartbeat"]
+                         else "for a while")
+                where += (f" - but its worker is not heard from {heard}: killed or its "
+                          "host is down; the job goes back into the queue when a worker "
+                          f"sees it (after {queue['stalled_after_seconds']:g} s of "
+                          "silence)")
             lines.append(f"  running: {r['job']} {where}")
     for job in doc["jobs"]:
         head = f"{job['name']} ({job['kind']})"

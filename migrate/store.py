@@ -941,8 +941,10 @@ class Store:
                 "AS status, attempts, scheduled_at, worker_id FROM procrastinate_jobs "
                 "WHERE task_name = %s AND args->>'job' = ANY(%s) "
                 "ORDER BY args->>'job', id DESC", (MAILBOX_TASK, list(job_names)))}
+            # silence measured by the database's clock: hosts' clocks may differ
             workers = [dict(row._mapping) for row in conn.exec_driver_sql(
-                "SELECT id, last_heartbeat FROM procrastinate_workers ORDER BY id")]
+                "SELECT id, last_heartbeat, extract(epoch FROM now() - last_heartbeat) "
+                "AS silent_seconds FROM procrastinate_workers ORDER BY id")]
         return {"counts": counts, "latest": latest, "workers": workers}
 
 
