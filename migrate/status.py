@@ -122,6 +122,8 @@ def _queue(queue: dict | None, jobs: list[dict], stalled_after: float) -> dict |
                         "since": run.get("started_at"), "worker_id": j["queue"]["worker_id"],
                         # gone from the table (pruned) or silent: not really running
                         "worker_stalled": worker is None or worker["stalled"],
+                        # the job's session lock: held while its process lives
+                        "lock_held": j["running"],
                         "worker_last_heartbeat": worker and worker["last_heartbeat"]})
     return {**counts, "running_jobs": running, "workers": workers,
             "alive_workers": sum(not w["stalled"] for w in workers),
@@ -142,9 +144,12 @@ def status_text(doc: dict) -> list[str]:
         for r in queue["running_jobs"]:
             where = f"on {r['host']} (pid {r['pid']}, since {r['since']})" if r["host"] \
                 else "(starting)"
-            if r["worker_stalled"]:
-                heard = (f"since {r['worker_last_heartbeat']}" if r["worker_last_heartbeat"]
-                         else "for a while")
+            heard = (f"since {r['worker_last_heartbeat']}" if r["worker_last_heartbeat"]
+                     else "for a while")
+            if r["worker_stalled"] and r["lock_held"]:
+                where += (f" - its worker is not heard from {heard}, but it still holds the "
+                          "job's lock: frozen or overloaded, not dead; the job stays with it")
+            elif r["worker_stalled"]:
                 where += (f" - but its worker is not heard from {heard}: killed or its "
                           "host is down; the job goes back into the queue when a worker "
                           f"sees it (after {queue['stalled_after_seconds']:g} s of "

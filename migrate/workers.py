@@ -33,7 +33,7 @@ from .errors import EXIT_LOCKED, EXIT_OK, ConfigError, StateError
 from .limits import ConnectionLimits, SharedConnectionLimits
 from .results import JobResult
 from .runner import RunOptions
-from .store import MAILBOX_TASK, Store, is_postgresql, libpq_url
+from .store import DATABASE_ERRORS, MAILBOX_TASK, Store, is_postgresql, libpq_url
 
 log = logging.getLogger("migrate")
 
@@ -283,7 +283,7 @@ def run_worker(config: Config, concurrency: int, options: RunOptions,
                 stalled_worker_timeout=settings.stalled_after_seconds,
                 fetch_job_polling_interval=min(5.0, settings.heartbeat_seconds),
                 abort_job_polling_interval=max(5.0, settings.heartbeat_seconds)))
-            recovery = asyncio.create_task(_recover_stalled(app, config))
+            recovery = asyncio.create_task(_recover_stalled(app, config, store))
 
             def on_signal(signum: int) -> None:
                 if received:  # the second one: at once (the next run resumes)
@@ -316,14 +316,22 @@ def run_worker(config: Config, concurrency: int, options: RunOptions,
     return received[0] if received else None
 
 
-async def _recover_stalled(app, config: Config) -> None:
+async def _recover_stalled(app, config: Config, store: Store) -> None:
     """Jobs of a worker that stopped sending heartbeats (killed, host down) go back into
     the queue for another worker.  One host sweeps at a time: a job handed back and at
-    once taken by a live worker must not look stalled to a second sweeper."""
+    once taken by a live worker must not look stalled to a second sweeper.
+
+    A late heartbeat alone is no proof of death: a frozen or overloaded worker (SIGSTOP,
+    swapping, a VM paused) is silent too, and goes on when it wakes.  While the job's own
+    lock (``Store.job_lock``: a session lock, gone with the process) is still held, the
+    job is left to its worker, and so is the worker's registration: handing it on would
+    only make the other worker find it locked, and the woken worker's bookkeeping clash
+    with the other's."""
     import psycopg
 
     settings = config.workers
     conn = await psycopg.AsyncConnection.connect(libpq_url(config.state_url), autocommit=True)
+    told: set[int] = set()  # jobs left to a silent worker, said once
     try:
         while True:
             await asyncio.sleep(settings.heartbeat_seconds)
@@ -333,19 +341,40 @@ async def _recover_stalled(app, config: Config) -> None:
                 if not got[0]:
                     continue
                 try:
-                    for job in await app.job_manager.get_stalled_jobs(
-                            seconds_since_heartbeat=settings.stalled_after_seconds):
-                        log.warning("job %s (%s) was running on a worker that stopped "
-                                    "sending heartbeats; it goes back into the queue",
-                                    job.task_kwargs.get("job", job.task_name), job.id)
-                        await app.job_manager.retry_job(job)
-                    await app.job_manager.prune_stalled_workers(settings.stalled_after_seconds)
+                    await _sweep(app, conn, store, settings.stalled_after_seconds, told)
                 finally:
                     await conn.execute("SELECT pg_advisory_unlock(%s)", (RECOVERY_LOCK_KEY,))
-            except psycopg.Error as exc:  # the next sweep tries again
+            except (psycopg.Error, DATABASE_ERRORS) as exc:  # the next sweep tries again
                 log.warning("stalled-job check failed: %s", exc)
     finally:
         await conn.close()
+
+
+async def _sweep(app, conn, store: Store, stalled_after: float, told: set[int]) -> None:
+    kept_workers: set[int] = set()
+    for job in await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stalled_after):
+        name = job.task_kwargs.get("job", job.task_name)
+        if await asyncio.to_thread(store.job_is_running, name):
+            # the worker's session is alive: late, not dead (or another run holds it)
+            worker = await (await conn.execute(
+                "SELECT worker_id FROM procrastinate_jobs WHERE id = %s", (job.id,))
+            ).fetchone()
+            if worker and worker[0] is not None:
+                kept_workers.add(worker[0])
+            if job.id not in told:
+                told.add(job.id)
+                log.warning("job %s (%s) runs on a worker not heard from for over %g s, "
+                            "but the job's lock is still held: left to it (frozen or "
+                            "overloaded, not dead)", name, job.id, stalled_after)
+            continue
+        log.warning("job %s (%s) was running on a worker that stopped sending heartbeats; "
+                    "it goes back into the queue", name, job.id)
+        await app.job_manager.retry_job(job)
+    # procrastinate's prune_stalled_workers, but keeping the workers left their jobs
+    await conn.execute(
+        "DELETE FROM procrastinate_workers WHERE last_heartbeat < now() - "
+        "make_interval(secs => %s) AND NOT (id = ANY(%s))",
+        (stalled_after, list(kept_workers)))
 
 
 # --- schema ---------------------------------------------------------------------------

@@ -161,3 +161,58 @@ def test_status_of_a_job_whose_worker_died_says_so(old_account, new_account, pg_
 
 
 _ = (time, CountingProxy, MAILBOX_TASK, _hashes, _mailboxes, _accounts_entry)
+
+
+# --- 2. a live worker frozen past its heartbeat ------------------------------------------
+
+
+def _queue_row(pg_url: str) -> tuple[str, int]:
+    with psycopg.connect(_libpq(pg_url)) as conn:
+        (row,) = conn.execute("SELECT status::text, attempts FROM procrastinate_jobs "
+                              "WHERE task_name = %s", (MAILBOX_TASK,)).fetchall()
+    return row
+
+
+def test_a_frozen_worker_s_job_never_runs_twice_at_once_and_ends_sane(
+        old_account, new_account, pg_url, tmp_path):
+    bodies = fill_many(old_account, 1500)
+    path = _config(tmp_path, [_job("frozen", old_account, new_account)], pg_url)
+    _upgrade(path)
+    _enqueue(path)
+    first = _start_worker(path, tmp_path, "--batch-messages", "20")
+    second = None
+    try:
+        _wait_until("the first copies", lambda: count_in(new_account) >= 20, [first])
+        first.send_signal(signal.SIGSTOP)  # alive, but no heartbeat any more
+        second = _start_worker(path, tmp_path, "--batch-messages", "20")
+        # the second worker sees the silence, but the job's own lock (held by the frozen
+        # process's session) says it is alive: the job is left to it, not handed on
+        _wait_until("the second worker's verdict", lambda: "left to it (frozen" in
+                    _output(second)[1], [second])
+        assert _queue_row(pg_url) == ("doing", 0)
+        assert {r["pid"] for r in _runs(pg_url)["frozen"]} == {first.pid}
+        doc = _status(path)
+        (running,) = doc["queue"]["running_jobs"]
+        assert running["worker_stalled"] and running["lock_held"]
+        assert "frozen or overloaded, not dead" in run_cli("status", "-c", str(path)).stdout
+        first.send_signal(signal.SIGCONT)
+        _wait_until("the job done", lambda: _queue(pg_url) == {"succeeded": 1}, [first, second])
+        # the woken worker is still a registered, live worker: it takes the next task
+        assert "enqueued 1 job" in _enqueue(path)
+        _wait_until("the next task done", lambda: _queue(pg_url) == {"succeeded": 2},
+                    [first, second])
+        doc = _status(path)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+        _stop([p for p in (first, second) if p is not None])
+    assert hashes_at(new_account) == hashes_of(bodies)  # each exactly once
+    runs = _runs(pg_url)["frozen"]
+    _assert_never_overlapping({"frozen": runs})
+    assert sum(r["copied"] for r in runs) == 1500
+    assert runs[0]["pid"] == first.pid and runs[0]["copied"] == 1500
+    assert doc["queue"]["running"] == 0 and doc["queue"]["alive_workers"] == 2 and doc["jobs"][0]["running_run"] is None
+    assert not doc["jobs"][0]["running"]
+    for proc in (first, second):
+        out, err = _output(proc)
+        assert "Traceback" not in err, err
