@@ -107,13 +107,40 @@ class SharedConnectionLimits(ConnectionLimits):
     (``slots``, a ``store.SlotLocks``) while a connection of it is open.  A killed
     worker's slots are free again as soon as PostgreSQL sees its session end."""
 
-    def __init__(self, sizes: dict[tuple[str, int], int], slots):
+    def __init__(self, sizes: dict[tuple[str, int], int], slots,
+                 on_lost: Callable[[Exception], None] | None = None):
         super().__init__(sizes)
         self._slots = slots
         self._held: dict[tuple[str, int], list[int]] = {}
+        # called once the slots are lost (store.SlotsLost); it must stop the jobs, whose
+        # waits for a slot then end as stopped.  None: SlotsLost is the job's error.
+        self._on_lost = on_lost
+
+    def watch(self, every: float, done: threading.Event) -> threading.Thread:
+        """Look at the slot sessions every ``every`` seconds until ``done``: a lost one is
+        replaced at once (its slots taken again), not only at the next take."""
+        from .store import SlotsLost
+
+        def loop() -> None:
+            while not done.wait(every):
+                try:
+                    with self._cond:
+                        self._slots.check()
+                except SlotsLost as exc:
+                    if self._on_lost is not None:
+                        self._on_lost(exc)
+                    return
+                except Exception:  # noqa: BLE001 - a database hiccup: the next look
+                    pass
+
+        thread = threading.Thread(target=loop, name="mm-slot-watch", daemon=True)
+        thread.start()
+        return thread
 
     def take(self, endpoints: Sequence[Endpoint], stop: threading.Event,
              instead: Callable[[], T | None] | None = None) -> T | None:
+        from .store import SlotsLost
+
         keys = [server_key(e) for e in endpoints]
         with self._cond:
             for key in keys:
@@ -126,7 +153,13 @@ class SharedConnectionLimits(ConnectionLimits):
                     offered = instead()
                     if offered is not None:
                         return offered
-                taken = self._try_take_all(keys)
+                try:
+                    taken = self._try_take_all(keys)
+                except SlotsLost as exc:
+                    if self._on_lost is None:
+                        raise
+                    self._on_lost(exc)
+                    raise SlotWaitStopped("stopped: the connection slots were lost") from None
                 if taken is not None:
                     for key, slot in taken:
                         self._held.setdefault(key, []).append(slot)

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -1144,26 +1145,132 @@ def libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+class SlotsLost(StateError):
+    """Both sessions holding this process's connection slots ended (the database server
+    restarted, the network dropped): the slots may be someone else's by now."""
+
+
+# the guard's lock keys: the server's key with these bits flipped (stays a signed int32)
+_GUARD_BITS = 0x2BAD5EED
+# how long a lost session's slots are tried again while another process may be probing
+# them (it holds one lock of the pair for a moment, then lets go)
+_RETAKE_SECONDS = 5.0
+
+
 class SlotLocks:
     """Connection slots of servers as PostgreSQL advisory locks ``(server, slot)``, held
-    by one session of this process: every process on every host sees the same slots,
-    and a killed process's slots are free as soon as its session ends."""
+    by this process: every process on every host sees the same slots, and a killed
+    process's slots are free as soon as its sessions end.
+
+    A slot is a pair of locks held by two sessions of this process, the "slots" session
+    and its "guard": a taker needs both.  One session ending alone (terminated by an
+    admin, a pooler dropping it) frees only half of each pair, so nobody else can take
+    the slots while this process still has connections open on them; ``check`` notices
+    the lost session and takes its half again on a new one.  Only when both end at once
+    (the server restarted) are the slots lost: ``check`` raises SlotsLost and the caller
+    must stop using its connections."""
 
     def __init__(self, engine: Engine):
-        self._conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        self._conn.exec_driver_sql("SELECT set_config('application_name', %s, false)",
-                                   (f"mailmigrate slots {_holder_text()}"[:63],))
+        self._engine = engine
         self._lock = threading.Lock()
+        self._held: set[tuple[int, int]] = set()
+        self._sessions = [self._connect(0), self._connect(1)]
+        self.retaken = 0  # sessions replaced (for tests and -v)
+
+    def _connect(self, which: int):
+        conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        role = "slots" if which == 0 else "slots guard"
+        conn.exec_driver_sql("SELECT set_config('application_name', %s, false)",
+                             (f"mailmigrate {role} {_holder_text()}"[:63],))
+        return conn
+
+    @staticmethod
+    def _key(which: int, server: int) -> int:
+        return server if which == 0 else server ^ _GUARD_BITS
+
+    def _try(self, which: int, server: int, slot: int) -> bool:
+        return bool(self._sessions[which].exec_driver_sql(
+            "SELECT pg_try_advisory_lock(%s, %s)", (self._key(which, server), slot)).scalar())
+
+    def _unlock(self, which: int, server: int, slot: int) -> None:
+        self._sessions[which].exec_driver_sql(
+            "SELECT pg_advisory_unlock(%s, %s)", (self._key(which, server), slot))
 
     def try_take(self, server: int, slot: int) -> bool:
         with self._lock:
-            return bool(self._conn.exec_driver_sql(
-                "SELECT pg_try_advisory_lock(%s, %s)", (server, slot)).scalar())
+            self._check()
+            try:
+                if not self._try(0, server, slot):
+                    return False
+                if not self._try(1, server, slot):
+                    self._unlock(0, server, slot)
+                    return False
+            except SQLAlchemyError:
+                # a session ended just now: mend it; the half taken, if any, goes with it
+                # or is let go, and the caller tries again
+                for which in (0, 1):
+                    with contextlib.suppress(SQLAlchemyError):
+                        self._unlock(which, server, slot)
+                self._check()
+                return False
+            self._held.add((server, slot))
+            return True
 
     def release(self, server: int, slot: int) -> None:
         with self._lock:
-            self._conn.exec_driver_sql("SELECT pg_advisory_unlock(%s, %s)", (server, slot))
+            self._held.discard((server, slot))
+            for which in (0, 1):
+                try:
+                    self._unlock(which, server, slot)
+                except SQLAlchemyError:  # a lost session holds nothing; check() mends it
+                    pass
+
+    def check(self) -> None:
+        """Both sessions alive, or the lost one replaced and its halves of the held slots
+        taken again; SlotsLost when that is impossible."""
+        with self._lock:
+            self._check()
+
+    def _check(self) -> None:
+        alive = []
+        for which in (0, 1):
+            try:
+                self._sessions[which].exec_driver_sql("SELECT 1")
+                alive.append(True)
+            except SQLAlchemyError:  # ended, or failed before and not usable any more
+                alive.append(False)
+        if all(alive):
+            return
+        if not any(alive) and self._held:
+            raise SlotsLost("both database sessions holding this process's connection "
+                            f"slots ended; {len(self._held)} slots may be taken by others")
+        for which in (0, 1):
+            if not alive[which]:
+                self._retake(which)
+
+    def _retake(self, which: int) -> None:
+        with contextlib.suppress(Exception):
+            self._sessions[which].close()
+        try:
+            self._sessions[which] = self._connect(which)
+        except DBAPIError as exc:
+            raise SlotsLost(f"a session holding connection slots ended and no new one "
+                            f"could be opened: {exc.orig}") from None
+        deadline = time.monotonic() + _RETAKE_SECONDS
+        todo = set(self._held)
+        while todo:
+            # the other half of each pair is still ours: another process can only hold
+            # this half for a moment (it lets go when the guard half fails)
+            todo = {(server, slot) for server, slot in todo
+                    if not self._try(which, server, slot)}
+            if todo and time.monotonic() > deadline:
+                raise SlotsLost(f"{len(todo)} connection slots could not be taken again")
+            if todo:
+                time.sleep(0.02)
+        self.retaken += 1
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            for conn in self._sessions:
+                with contextlib.suppress(Exception):
+                    conn.close()

@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -262,12 +263,25 @@ def run_worker(config: Config, concurrency: int, options: RunOptions,
     store = Store(config.state_url)
     slots = store.slot_locks()
     sizes = ConnectionLimits.for_jobs(config.jobs).sizes
-    options = dataclasses.replace(options, workers=1,
-                                  connection_limits=SharedConnectionLimits(sizes, slots))
+    lost: list[Exception] = []
+    stop_work: list[Callable[[], None]] = []
+
+    def on_slots_lost(exc: Exception) -> None:
+        """The connection slots may be others' now: every job stops after its batch in
+        flight and goes back into the queue, and the worker ends (to be started again)."""
+        if not lost:
+            lost.append(exc)
+            options.stop.set()
+            for stop in stop_work:
+                stop()
+
+    limits = SharedConnectionLimits(sizes, slots, on_lost=on_slots_lost)
+    options = dataclasses.replace(options, workers=1, connection_limits=limits)
     runtime = WorkerRuntime(config, store, options, on_result)
     app = build_queue(config, runtime).app
     settings = config.workers
     received: list[int] = []
+    watching = threading.Event()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -284,6 +298,8 @@ def run_worker(config: Config, concurrency: int, options: RunOptions,
                 fetch_job_polling_interval=min(5.0, settings.heartbeat_seconds),
                 abort_job_polling_interval=max(5.0, settings.heartbeat_seconds)))
             recovery = asyncio.create_task(_recover_stalled(app, config, store))
+            stop_work.append(lambda: loop.call_soon_threadsafe(work.cancel))
+            limits.watch(min(1.0, settings.heartbeat_seconds), watching)
 
             def on_signal(signum: int) -> None:
                 if received:  # the second one: at once (the next run resumes)
@@ -311,8 +327,14 @@ def run_worker(config: Config, concurrency: int, options: RunOptions,
     try:
         asyncio.run(main())
     finally:
+        watching.set()
         slots.close()
         store.close()
+    if lost and not received:
+        raise StateError(f"this worker lost its hold on the connection slots in the state "
+                         f"database ({lost[0]}); its jobs stopped after their batch in "
+                         "flight and went back into the queue. Start the worker again "
+                         "(a service manager restarts it on this exit code)")
     return received[0] if received else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import signal
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -216,3 +217,89 @@ def test_a_frozen_worker_s_job_never_runs_twice_at_once_and_ends_sane(
     for proc in (first, second):
         out, err = _output(proc)
         assert "Traceback" not in err, err
+
+
+# --- 1. the slot-lock session ends under a running job ------------------------------------
+
+
+def _slot_sessions(pg_url: str, role: str, pid: int | None = None) -> list[int]:
+    """Backend pids of the workers' slot sessions ("slots" or "slots guard")."""
+    with psycopg.connect(_libpq(pg_url)) as conn:
+        return [p for (p,) in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE %s",
+            (f"mailmigrate {role} pid {pid if pid else '%'} on %",))]
+
+
+def _terminate(pg_url: str, backends: list[int]) -> None:
+    with psycopg.connect(_libpq(pg_url), autocommit=True) as conn:
+        for backend in backends:
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (backend,)).fetchone()[0]
+
+
+def _slot_holder(pg_url: str, port: int) -> int | None:
+    """The OS pid of the process holding the source's only slot."""
+    key = server_lock_key(("127.0.0.1", port)) & 0xFFFFFFFF
+    with psycopg.connect(_libpq(pg_url)) as conn:
+        row = conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+            "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid::bigint = %s AND a.application_name LIKE 'mailmigrate slots pid %%'",
+            (key,)).fetchone()
+    return int(row[0].split()[3]) if row else None
+
+
+def test_a_lost_slot_session_never_lets_the_limit_be_exceeded(
+        old_host, new_host, pg_url, tmp_path):
+    pairs = []
+    for i in range(2):
+        src = old_host.add_user(f"slots{i}-{uuid.uuid4().hex[:6]}@old.test", "o-" + str(i))
+        dst = new_host.add_user(src.username.replace("old", "new"), "n-" + str(i))
+        pairs.append((src, dst, hashes_of(fill_many(src, 2000, seed=i))))
+    proxy = CountingProxy(old_host.ports["imaps"])
+    procs = []
+    try:
+        entry = _accounts_entry(tmp_path, old_host, new_host, pairs, proxy.port)
+        entry["source"]["max_connections"] = 1
+        path = _config(tmp_path, [entry], pg_url)
+        _upgrade(path)
+        _enqueue(path)
+        procs = [_start_worker(path, tmp_path, "--batch-messages", "10") for _ in range(2)]
+        # both jobs running: one copies, the other waits for the source's only slot
+        _wait_until("both jobs running, one copying", lambda: _queue(pg_url)["doing"] == 2
+                    and sum(count_in(d) for _, d, _ in pairs) >= 40, procs)
+        holder = _slot_holder(pg_url, proxy.port)
+        assert holder in {p.pid for p in procs}
+        # an admin (or a pooler) ends every worker's slot session, then every guard: the
+        # other half of each slot pair keeps the waiting worker out, and the lost half is
+        # taken again on a new session
+        for role in ("slots", "slots guard"):
+            before = _slot_sessions(pg_url, role)
+            assert len(before) == 2
+            _terminate(pg_url, before)
+            _wait_until(f"new {role} sessions", lambda role=role, before=before: len(
+                set(_slot_sessions(pg_url, role)) - set(before)) == 2, procs)
+            assert _slot_holder(pg_url, proxy.port) == holder
+        assert proxy.peak == 1, f"peak {proxy.peak} concurrent source connections"
+        # both sessions of the copying worker end at once (as in a database restart): it
+        # stops its job after the batch in flight, the job goes back into the queue, the
+        # worker ends saying so; the other worker finishes everything
+        doomed = next(p for p in procs if p.pid == _slot_holder(pg_url, proxy.port))
+        _terminate(pg_url, _slot_sessions(pg_url, "slots", doomed.pid)
+                   + _slot_sessions(pg_url, "slots guard", doomed.pid))
+        assert doomed.wait(timeout=DEADLINE) == 2, _output(doomed)
+        survivor = next(p for p in procs if p is not doomed)
+        _wait_until("every task done", lambda: _queue(pg_url) == {"succeeded": 2},
+                    [survivor])
+    finally:
+        _stop(procs)
+        proxy.close()
+    out, err = _output(doomed)
+    assert "lost its hold on the connection slots" in err and "Traceback" not in err
+    assert "INTERRUPTED" in out
+    for _src, dst, expected in pairs:
+        assert hashes_at(dst) == expected  # every message exactly once
+    runs = _runs(pg_url)
+    for job_runs in runs.values():
+        _assert_never_overlapping({"job": job_runs})
+    assert sorted(r["outcome"] for rs in runs.values() for r in rs) == ["aborted", "ok", "ok"]
