@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import logging
 import os
 import re
@@ -42,8 +43,6 @@ QUEUE = "mailmigrate"
 SCHEDULE_TASK = "mailmigrate.defer_scheduled"
 # the procrastinate schema version applied by `mailmigrate db upgrade` (meta table)
 QUEUE_SCHEMA_KEY = "procrastinate_schema"
-# one stalled-job sweep at a time over all hosts (a session advisory lock)
-RECOVERY_LOCK_KEY = 7270433
 # a job that another run holds (e.g. a `mailmigrate run` on one host) is tried again
 BUSY_RETRY_SECONDS = 30
 BUSY_RETRIES = 100
@@ -279,6 +278,7 @@ def run_worker(config: Config, concurrency: int, options: RunOptions,
     options = dataclasses.replace(options, workers=1, connection_limits=limits)
     runtime = WorkerRuntime(config, store, options, on_result)
     app = build_queue(config, runtime).app
+    _reregister_when_pruned(app)
     settings = config.workers
     received: list[int] = []
     watching = threading.Event()
@@ -338,10 +338,47 @@ def run_worker(config: Config, concurrency: int, options: RunOptions,
     return received[0] if received else None
 
 
+# a worker's registration, put back under its own id if another worker removed it
+_REGISTER_AGAIN = (
+    "INSERT INTO procrastinate_workers (id, last_heartbeat) OVERRIDING SYSTEM VALUE "
+    "VALUES (%(worker_id)s, now()) ON CONFLICT (id) DO {action} RETURNING xmax = 0 AS new")
+
+
+def _reregister_when_pruned(app) -> None:
+    """A worker silent for longer than ``stalled_after_seconds`` (frozen, a paused VM)
+    loses its registration to another worker's sweep; when it wakes, procrastinate only
+    updates a row that is gone, and its next fetch would break the jobs' foreign key on
+    the worker id and end the worker.  So heartbeats and fetches put the row back first
+    (under the same id), saying so once."""
+    manager = app.job_manager
+    fetch, connector = manager.fetch_job, app.connector
+
+    async def register_again(worker_id: int, action: str) -> None:
+        row = await connector.execute_query_one_async(
+            _REGISTER_AGAIN.format(action=action), worker_id=worker_id)
+        if row and row["new"]:
+            log.warning("this worker was silent for longer than stalled_after_seconds and "
+                        "was taken for dead; it is registered again and goes on")
+
+    async def update_heartbeat(worker_id: int) -> None:
+        await register_again(worker_id, "UPDATE SET last_heartbeat = now()")
+
+    async def fetch_job(queues, worker_id):
+        await register_again(
+            worker_id, "UPDATE SET last_heartbeat = procrastinate_workers.last_heartbeat")
+        return await fetch(queues=queues, worker_id=worker_id)
+
+    manager.update_heartbeat = update_heartbeat
+    manager.fetch_job = fetch_job
+
+
 async def _recover_stalled(app, config: Config, store: Store) -> None:
     """Jobs of a worker that stopped sending heartbeats (killed, host down) go back into
-    the queue for another worker.  One host sweeps at a time: a job handed back and at
-    once taken by a live worker must not look stalled to a second sweeper.
+    the queue for another worker.  Every worker sweeps; a hand-back is one transaction
+    that first checks, with the job row locked, that the job is still running on a
+    silent worker: a job handed back and at once taken by a live worker is never handed
+    back again by a second sweeper.  (No lock for "one sweeper at a time": a sweeper
+    frozen while holding it would stop every recovery.)
 
     A late heartbeat alone is no proof of death: a frozen or overloaded worker (SIGSTOP,
     swapping, a VM paused) is silent too, and goes on when it wakes.  While the job's own
@@ -358,14 +395,7 @@ async def _recover_stalled(app, config: Config, store: Store) -> None:
         while True:
             await asyncio.sleep(settings.heartbeat_seconds)
             try:
-                got = await (await conn.execute("SELECT pg_try_advisory_lock(%s)",
-                                                (RECOVERY_LOCK_KEY,))).fetchone()
-                if not got[0]:
-                    continue
-                try:
-                    await _sweep(app, conn, store, settings.stalled_after_seconds, told)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock(%s)", (RECOVERY_LOCK_KEY,))
+                await _sweep(app, conn, store, settings.stalled_after_seconds, told)
             except (psycopg.Error, DATABASE_ERRORS) as exc:  # the next sweep tries again
                 log.warning("stalled-job check failed: %s", exc)
     finally:
@@ -373,6 +403,8 @@ async def _recover_stalled(app, config: Config, store: Store) -> None:
 
 
 async def _sweep(app, conn, store: Store, stalled_after: float, told: set[int]) -> None:
+    from procrastinate.sql import queries as sql_queries
+
     kept_workers: set[int] = set()
     for job in await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stalled_after):
         name = job.task_kwargs.get("job", job.task_name)
@@ -389,9 +421,21 @@ async def _sweep(app, conn, store: Store, stalled_after: float, told: set[int]) 
                             "but the job's lock is still held: left to it (frozen or "
                             "overloaded, not dead)", name, job.id, stalled_after)
             continue
+        async with conn.transaction():
+            still = await (await conn.execute(
+                "SELECT 1 FROM procrastinate_jobs WHERE id = %(id)s AND status = 'doing' "
+                "AND (worker_id IS NULL OR worker_id NOT IN (SELECT id FROM "
+                "procrastinate_workers WHERE last_heartbeat >= now() - "
+                "make_interval(secs => %(secs)s))) FOR UPDATE",
+                {"id": job.id, "secs": stalled_after})).fetchone()
+            if still is None:  # finished meanwhile, or handed back and taken again
+                continue
+            await conn.execute(sql_queries["retry_job"], {
+                "job_id": job.id, "retry_at": dt.datetime.now(dt.timezone.utc),
+                "new_priority": None,
+                "new_queue_name": None, "new_lock": None})
         log.warning("job %s (%s) was running on a worker that stopped sending heartbeats; "
                     "it goes back into the queue", name, job.id)
-        await app.job_manager.retry_job(job)
     # procrastinate's prune_stalled_workers, but keeping the workers left their jobs
     await conn.execute(
         "DELETE FROM procrastinate_workers WHERE last_heartbeat < now() - "

@@ -303,3 +303,41 @@ def test_a_lost_slot_session_never_lets_the_limit_be_exceeded(
     for job_runs in runs.values():
         _assert_never_overlapping({"job": job_runs})
     assert sorted(r["outcome"] for rs in runs.values() for r in rs) == ["aborted", "ok", "ok"]
+
+
+def _registered_workers(pg_url: str) -> set[int]:
+    with psycopg.connect(_libpq(pg_url)) as conn:
+        return {i for (i,) in conn.execute("SELECT id FROM procrastinate_workers")}
+
+
+def test_an_idle_worker_taken_for_dead_comes_back_and_works(
+        old_account, new_account, pg_url, tmp_path):
+    bodies = fill_many(old_account, 50)
+    path = _config(tmp_path, [_job("later", old_account, new_account)], pg_url)
+    _upgrade(path)
+    sleeper = _start_worker(path, tmp_path)
+    other = None
+    try:
+        (first_id,) = _wait_until("the first worker registered",
+                                  lambda: _registered_workers(pg_url), [sleeper])
+        sleeper.send_signal(signal.SIGSTOP)
+        other = _start_worker(path, tmp_path, "-vv")
+        # the other worker's sweep removes the silent one's registration
+        _wait_until("the frozen worker pruned", lambda: len(_registered_workers(pg_url)) == 1
+                    and first_id not in _registered_workers(pg_url), [other])
+        sleeper.send_signal(signal.SIGCONT)
+        _wait_until("both registered again", lambda: len(_registered_workers(pg_url)) == 2,
+                    [sleeper, other])
+        for _ in range(4):  # tasks for either worker
+            _enqueue(path)
+            _wait_until("the task done", lambda: _queue(pg_url)["todo"] == 0
+                        and _queue(pg_url)["doing"] == 0, [sleeper, other])
+    finally:
+        if sleeper.poll() is None:
+            sleeper.send_signal(signal.SIGCONT)
+        _stop([p for p in (sleeper, other) if p is not None])
+    assert [p.returncode for p in (sleeper, other)] == [143, 143]
+    for proc in (sleeper, other):
+        assert "Traceback" not in _output(proc)[1], _output(proc)
+    assert _queue(pg_url) == {"succeeded": 4}
+    assert hashes_at(new_account) == hashes_of(bodies)
