@@ -396,7 +396,7 @@ async def _recover_stalled(app, config: Config, store: Store) -> None:
             await asyncio.sleep(settings.heartbeat_seconds)
             try:
                 await _sweep(app, conn, store, settings.stalled_after_seconds, told)
-            except (psycopg.Error, DATABASE_ERRORS) as exc:  # the next sweep tries again
+            except (psycopg.Error, *DATABASE_ERRORS) as exc:  # the next sweep tries again
                 log.warning("stalled-job check failed: %s", exc)
     finally:
         await conn.close()
