@@ -321,7 +321,7 @@ def test_an_idle_worker_taken_for_dead_comes_back_and_works(
         (first_id,) = _wait_until("the first worker registered",
                                   lambda: _registered_workers(pg_url), [sleeper])
         sleeper.send_signal(signal.SIGSTOP)
-        other = _start_worker(path, tmp_path, "-vv")
+        other = _start_worker(path, tmp_path)
         # the other worker's sweep removes the silent one's registration
         _wait_until("the frozen worker pruned", lambda: len(_registered_workers(pg_url)) == 1
                     and first_id not in _registered_workers(pg_url), [other])
