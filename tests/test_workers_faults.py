@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import signal
-import time
 import uuid
 
 import psycopg
@@ -19,7 +18,7 @@ from tests.rig import mailgen
 from tests.rig.countingproxy import CountingProxy
 from tests.rig.interrupt import count_in, fill_many, hashes_at, hashes_of
 from tests.rig.jobs import run_cli
-from tests.test_accounts import _accounts_entry, _hashes, _mailboxes
+from tests.test_accounts import _accounts_entry
 from tests.test_workers import (
     DEADLINE, _assert_never_overlapping, _config, _enqueue, _libpq, _output, _queue, _runs,
     _start_worker, _status, _stop, _upgrade, _wait_until,
@@ -161,7 +160,6 @@ def test_status_of_a_job_whose_worker_died_says_so(old_account, new_account, pg_
     assert count_in(new_account) == 100
 
 
-_ = (time, CountingProxy, MAILBOX_TASK, _hashes, _mailboxes, _accounts_entry)
 
 
 # --- 2. a live worker frozen past its heartbeat ------------------------------------------
