@@ -45,7 +45,7 @@ _SCAN_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)", re.IGNORECASE)
 _SCAN_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)", re.IGNORECASE)
 _BODY_RE = re.compile(rb"\bBODY\[\](?:<\d+>)? \{\d+\}$", re.IGNORECASE)
 # UIDs per FETCH when listing a folder's messages (memory stays flat with folder size)
-LIST_WINDOW = 5000
+LIST_WINDOW = 2000
 # STATUS commands sent before their answers are read (servers without LIST-STATUS)
 STATUS_PIPELINE = 50
 
