@@ -430,7 +430,7 @@ def _imap_capabilities(rep: EndpointReport, session: ImapSession, role: str,
     _offered(rep, has("QUOTA"), "QUOTA", "the destination reports its quota (checked below)",
              "the destination does not report quota: free space cannot be checked in "
              "advance", severity=WARNING)
-    limit = appendlimit(session)
+    limit = session.appendlimit
     _offered(rep, limit is not None, "APPENDLIMIT",
              f"the largest message the destination accepts: {size_text(limit or 0)}",
              "no APPENDLIMIT announced: a size limit, if any, shows only when a message "
@@ -440,16 +440,6 @@ def _imap_capabilities(rep: EndpointReport, session: ImapSession, role: str,
 def _offered(rep: EndpointReport, ok: bool, name: str, yes: str, no: str,
              severity: str = INFO) -> None:
     rep.add(name, ok, yes if ok else no, severity=INFO if ok else severity)
-
-
-def appendlimit(session: ImapSession) -> int | None:
-    for cap in session.capabilities:
-        if cap.startswith("APPENDLIMIT="):
-            try:
-                return int(cap.split("=", 1)[1])
-            except ValueError:
-                return None
-    return None
 
 
 def _pop3_capabilities(rep: EndpointReport, session: Pop3Session) -> None:
@@ -550,7 +540,7 @@ def _space(source_rep: EndpointReport, dest_rep: EndpointReport, src: ImapSessio
                    f"destination; {_count(t['to_copy'], 'message')} "
                    f"({size_text(t['to_copy_bytes'])}) to copy (counted as "
                    "`mailmigrate report` counts)")
-    limit = appendlimit(dst)
+    limit = dst.appendlimit
     too_big = [r for r in numbers["destination_refuses"] if r["folder"] is not None]
     if limit is not None:
         if too_big:

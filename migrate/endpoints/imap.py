@@ -434,6 +434,17 @@ class ImapSession:
     def server_aliases(self) -> list[str]:
         return server_aliases(self.endpoint, self.client._imap.sock)
 
+    @property
+    def appendlimit(self) -> int | None:
+        """The largest message the server accepts (APPENDLIMIT=n, RFC 7889), if it says."""
+        for cap in self.capabilities:
+            if cap.startswith("APPENDLIMIT="):
+                try:
+                    return int(cap.split("=", 1)[1])
+                except ValueError:
+                    return None
+        return None
+
     def has(self, capability: str) -> bool:
         return capability.upper() in self.capabilities
 

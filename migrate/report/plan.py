@@ -240,16 +240,6 @@ def _why_excluded(folder: FolderInfo, job: Job) -> str | None:
     return None
 
 
-def _appendlimit(session: ImapSession) -> int | None:
-    for cap in session.capabilities:
-        if cap.startswith("APPENDLIMIT="):
-            try:
-                return int(cap.split("=", 1)[1])
-            except ValueError:
-                return None
-    return None
-
-
 def _quota_free(plan: _JobPlan, dst: ImapSession) -> int | None:
     """Bytes the destination still accepts (QUOTA, RFC 2087), or None when unlimited."""
     if not dst.has("QUOTA"):
@@ -313,7 +303,7 @@ def plan_imap_folders(plan: _JobPlan, job: Job, src: ImapSession, dst: ImapSessi
         plan.doc["excluded"].append(
             {"source": f.name, "rule": _why_excluded(f, job) or "not copied",
              "refused": False})
-    limit = _appendlimit(dst)
+    limit = dst.appendlimit
     for p in sorted(plans, key=lambda p: folder_order(p.source)):
         plan.doc["folders"].append(
             _plan_imap_folder(plan, job, p, src, dst, store, job_id, limit))
