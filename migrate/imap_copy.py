@@ -133,7 +133,7 @@ class _Stopped(MigrateError):
     """The run is being stopped: no new batch is started."""
 
 
-def _dup_key(message_id: str | None, size: int) -> tuple[str | None, int | None]:
+def duplicate_key(message_id: str | None, size: int) -> tuple[str | None, int | None]:
     """Duplicate candidates: by Message-ID where there is one (sizes may be reported
     inexactly), by size only for messages without."""
     return (message_id, None) if message_id else (None, size)
@@ -635,7 +635,7 @@ class ImapCopy(JobRunner):
         if dsel.exists:
             for window in dst.uid_windows():
                 for m in dst.list_range(window):
-                    dest_index[_dup_key(m.message_id, m.size)].append(m)
+                    dest_index[duplicate_key(m.message_id, m.size)].append(m)
         # Copies that belong to a message of this job - any folder, any state - are
         # never taken as another message's duplicate.
         claimed = UidBits(self.store.claimed_destination_uids(
@@ -770,7 +770,7 @@ class ImapCopy(JobRunner):
             self._stream_refused.add(row.id)
             self._copy_in_memory(ctx, [row])
             return
-        candidates = [m.uid for m in ctx.dest_index.get(_dup_key(row.message_id, row.size), ())
+        candidates = [m.uid for m in ctx.dest_index.get(duplicate_key(row.message_id, row.size), ())
                       if m.uid not in ctx.claimed]
         if candidates:
             digest = self._stream_digest(src, row.source_uid, row.size)
@@ -856,7 +856,7 @@ class ImapCopy(JobRunner):
     def _find_duplicates(self, ctx: _FolderCopy, batch, bodies, digests) -> dict[int, int]:
         """row id → destination UID of an identical message already there."""
         candidates = {r.id: [m.uid for m in ctx.dest_index.get(
-            _dup_key(r.message_id, len(bodies[r.source_uid])), ()) if m.uid not in ctx.claimed]
+            duplicate_key(r.message_id, len(bodies[r.source_uid])), ()) if m.uid not in ctx.claimed]
             for r in batch}
         wanted = sorted({u for us in candidates.values() for u in us})
         if not wanted:

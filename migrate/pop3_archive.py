@@ -47,6 +47,21 @@ def generation_key(key: str, generation: int) -> str:
     return key if generation == 1 else f"{key} ({generation})"
 
 
+def row_key(m: Pop3Message, known: dict[str, MessageRow]) -> str:
+    """The row of a listed message.  A UIDL may come back for a different message
+    (the server reused it after the original was deleted, or renumbered): the row of
+    its latest use is deleted, or the size differs from what LIST said then.  Such a
+    message gets a row of its own, so a deleted or verified row never hides it."""
+    generation = 1
+    while generation_key(m.key, generation + 1) in known:
+        generation += 1
+    latest = known.get(generation_key(m.key, generation))
+    if latest is not None and (latest.state == State.DELETED
+                               or (m.listed and latest.size != m.size)):
+        generation += 1
+    return generation_key(m.key, generation)
+
+
 class Pop3Archive(JobRunner):
     def __init__(self, job: Job, store: Store, job_id: int, options: RunOptions,
                  counters: Counters, result: JobResult):
@@ -137,7 +152,7 @@ class Pop3Archive(JobRunner):
     def _reconcile(self, listing: list[Pop3Message]
                    ) -> tuple[list[Pop3Message], dict[str, MessageRow]]:
         known = self.store.messages(self.folder_id)
-        listing = [dataclasses.replace(m, key=self._row_key(m, known)) for m in listing]
+        listing = [dataclasses.replace(m, key=row_key(m, known)) for m in listing]
         self.store.add_messages(self.folder_id, [
             {"source_key": m.key, "size": m.size} for m in listing])
         rows = self.store.messages(self.folder_id)
@@ -150,21 +165,6 @@ class Pop3Archive(JobRunner):
                 "mailmigrate deleting them; another client is deleting mail from this "
                 "mailbox (use one protocol and one client per mailbox)")
         return listing, rows
-
-    @staticmethod
-    def _row_key(m: Pop3Message, known: dict[str, MessageRow]) -> str:
-        """The row of a listed message.  A UIDL may come back for a different message
-        (the server reused it after the original was deleted, or renumbered): the row of
-        its latest use is deleted, or the size differs from what LIST said then.  Such a
-        message gets a row of its own, so a deleted or verified row never hides it."""
-        generation = 1
-        while generation_key(m.key, generation + 1) in known:
-            generation += 1
-        latest = known.get(generation_key(m.key, generation))
-        if latest is not None and (latest.state == State.DELETED
-                                   or (m.listed and latest.size != m.size)):
-            generation += 1
-        return generation_key(m.key, generation)
 
     # --- archiving ---------------------------------------------------------------
 

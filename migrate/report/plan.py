@@ -31,9 +31,9 @@ from ..endpoints.maildir import MaildirArchive
 from ..endpoints.pop3 import Pop3Session
 from ..errors import MigrateError, SafetyError
 from ..folders import FolderPlan, plan_folders
-from ..imap_copy import _dup_key
+from ..imap_copy import duplicate_key
 from ..pop3_archive import FOLDER as POP3_FOLDER
-from ..pop3_archive import Pop3Archive
+from ..pop3_archive import row_key as pop3_row_key
 from ..results import plural, size_text
 from ..states import State
 from ..store import MessageRow, Store, sqlite_file
@@ -356,7 +356,7 @@ def _plan_imap_folder(plan: _JobPlan, job: Job, p: FolderPlan, src: ImapSession,
             for uid, size, _flags, message_id in dst.scan_messages(dsel.exists):
                 dest_uids.add(uid)
                 if uid not in claimed:
-                    dest_keys[_dup_key(message_id, size)] += 1
+                    dest_keys[duplicate_key(message_id, size)] += 1
         present: set[int] = set()
         quarantined_example = None
         for uid, size, flags, message_id in src.scan_messages(sel.exists):
@@ -386,7 +386,7 @@ def _plan_imap_folder(plan: _JobPlan, job: Job, p: FolderPlan, src: ImapSession,
                 doc["already_there"] += 1
                 doc["already_there_bytes"] += size
                 continue
-            key = _dup_key(message_id, size)
+            key = duplicate_key(message_id, size)
             if dest_keys[key] > 0:
                 dest_keys[key] -= 1
                 doc["already_there"] += 1
@@ -498,7 +498,7 @@ def _plan_pop3(plan: _JobPlan, job: Job, store: Store | None, job_id: int | None
         listing = session.list_messages()
         frow = store.folder(job_id, POP3_FOLDER) if store is not None and job_id else None
         known = store.messages(frow.id) if frow else {}
-        keyed = [(Pop3Archive._row_key(m, known), m) for m in listing]
+        keyed = [(pop3_row_key(m, known), m) for m in listing]
         archive = MaildirArchive(job.archive.path)
         doc = _folder_doc(POP3_FOLDER, str(job.archive.path), "archive", "POP3 mailbox")
         present = {k for k, _m in keyed}
