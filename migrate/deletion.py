@@ -14,7 +14,9 @@ The sequence itself - and with it the rules that keep mail safe - exists once:
   run reports what a real run would do);
 * a unit that cannot delete (e.g. no UID EXPUNGE) is refused before any intent is written;
 * the ``deleting`` intent is committed right before the destructive command, and
-  ``deleted`` only after the server confirmed it.
+  ``deleted`` only after the server confirmed it;
+* the run must still hold the job's lock (``JobRunner.holding_lock``) when a unit starts
+  and right before each intent: a run whose lock was lost deletes nothing more.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def delete_unit(runner: JobRunner, unit: SourceUnit, rows: Sequence[MessageRow])
     rows = [r for r in rows if r.state in DELETABLE]
     if not rows:
         return 0
+    if not runner.holding_lock():  # lost: another run may be working on this mailbox
+        return 0
     why = unit.refusal()
     if why:
         runner.error(f"{unit.label}: {why}; nothing was deleted there")
@@ -122,6 +126,10 @@ def delete_unit(runner: JobRunner, unit: SourceUnit, rows: Sequence[MessageRow])
     step = unit.batch or max(1, len(todo))
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
+        # Still ours?  Asked right before each intent: a run that lost the job's lock
+        # deletes nothing more (the job halted; the next run deletes).
+        if not runner.holding_lock():
+            break
         # The intent, committed right before the command that really deletes.
         runner.store.transition(State.DELETING, [{"id": r.id} for r in chunk
                                                  if r.state == State.VERIFIED])

@@ -24,7 +24,7 @@ from .limits import ConnectionLimits, SharedConnectionLimits
 from .results import JobResult, plural
 from .runner import Counters, RunOptions
 from .store import (
-    DATABASE_ERRORS, Store, database_error_text, is_postgresql,
+    DATABASE_ERRORS, JobLockHold, Store, database_error_text, is_postgresql,
 )
 
 log = logging.getLogger("migrate")
@@ -113,8 +113,8 @@ def run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
     if options.dry_run:
         raise ValueError("run_job runs a job for real; plan a dry run with run_jobs")
     try:
-        with store.job_lock(job.name):
-            return _run_job(job, store, options)
+        with store.job_lock(job.name) as hold:
+            return _run_job(job, store, options, hold)
     except JobLocked as exc:
         result = JobResult(job.name, job.kind, False, exit_code=exc.exit_code)
         result.errors.append(str(exc))
@@ -154,7 +154,7 @@ def _job_error(result: JobResult, exc: Exception, store: Store) -> None:
     log.debug("%s: the job stopped on this exception", result.job, exc_info=exc)
 
 
-def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
+def _run_job(job: Job, store: Store, options: RunOptions, hold: JobLockHold) -> JobResult:
     result = JobResult(job.name, job.kind, False)
     counters = Counters()
     started = time.monotonic()
@@ -173,7 +173,8 @@ def _run_job(job: Job, store: Store, options: RunOptions) -> JobResult:
         if options.retry_failed:
             store.release_quarantine(job_id)
         run_id = store.start_run(job_id, dry_run=False)
-        worker_cls(job, store, job_id, options, counters, result).run()
+        hold.bind_run(run_id)  # a lost lock is taken again only while this run is ours
+        worker_cls(job, store, job_id, options, counters, result, hold).run()
     except Exception as exc:  # noqa: BLE001 - every failure is this job's, reported
         _job_error(result, exc, store)
     except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then go

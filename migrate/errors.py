@@ -74,3 +74,8 @@ class JobLocked(MigrateError):
     """Another run of this job holds its lock (cron started it again too soon)."""
 
     exit_code = EXIT_LOCKED
+
+
+class JobLockLost(MigrateError):
+    """The run no longer holds its job's lock (the PostgreSQL session holding it ended)
+    and could not safely take it again: the job stops before doing anything more."""

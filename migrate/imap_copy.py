@@ -399,6 +399,8 @@ class ImapCopy(JobRunner):
             return
         if fr.unchanged:  # nothing to copy, update or delete there: not opened
             return
+        if not self.holding_lock():  # lost: the job halted, no new folder
+            return
         try:
             self.retrying()(self._with_pair, pool, self._sync_folder, fr, progress)
         except (_Stopped, SlotWaitStopped):
@@ -693,9 +695,10 @@ class ImapCopy(JobRunner):
         return bodies, {u: hashlib.sha256(b).hexdigest() for u, b in bodies.items()}
 
     def _stop_point(self) -> None:
-        """Between batches: stop here when the run is being stopped (signal, error cap)."""
-        stopping = getattr(self, "stopping", None)
-        if stopping is not None and stopping():
+        """Between batches: stop here when the run is being stopped (signal, error cap)
+        or no longer holds the job's lock."""
+        faults.checkpoint("batch-boundary")
+        if self.stopping() or not self.holding_lock():
             raise _Stopped()
 
     def _fetch(self, ctx: _FolderCopy, batch: list[MessageRow]) -> dict[int, bytes]:

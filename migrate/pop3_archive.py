@@ -31,7 +31,7 @@ from .runner import Counters, JobRunner, Progress, RunOptions
 from .errors import ConnectionLost, MessageError
 from .deletion import LookedAgain
 from .states import State
-from .store import MessageRow, Store
+from .store import JobLockHold, MessageRow, Store
 
 log = logging.getLogger("migrate.pop3_archive")
 FOLDER = "INBOX"  # POP3 has one mailbox; its rows live in one pseudo-folder
@@ -64,8 +64,8 @@ def row_key(m: Pop3Message, known: dict[str, MessageRow]) -> str:
 
 class Pop3Archive(JobRunner):
     def __init__(self, job: Job, store: Store, job_id: int, options: RunOptions,
-                 counters: Counters, result: JobResult):
-        super().__init__(job, store, job_id, options, counters, result)
+                 counters: Counters, result: JobResult, job_lock: JobLockHold | None = None):
+        super().__init__(job, store, job_id, options, counters, result, job_lock)
         self.archive = MaildirArchive(job.archive.path)
         self.folder_id: int | None = None  # set by run()
         self.drops: dict[str, int] = {}  # source key → connection drops during its RETR
@@ -127,9 +127,11 @@ class Pop3Archive(JobRunner):
             suspects = [r for r in pending if r.source_key in self.drops]
             # twice the IMAP batch: the bodies stream to disk, only a commit is per batch
             for batch in self.batches(normal, self.options.batch_bytes * 2):
+                if not self.holding_lock():  # lost: halted, so no deletion below
+                    break
                 self._archive_batch(session, by_key, batch, progress, settler)
             for row in suspects:
-                if self.stopping():
+                if self.stopping() or not self.holding_lock():
                     break
                 self._archive_batch(session, by_key, [row], progress, settler)
             self._settled()

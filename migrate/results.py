@@ -71,6 +71,8 @@ class JobResult:
     exit_code: int = EXIT_OK  # raised to 2 when the job was refused (config, safety)
     interrupted: bool = False  # stopped by SIGINT/SIGTERM before it was done
     started: bool = True  # False: the run was interrupted before this job began
+    # the job stopped because its lock was lost (store.JobLockHold.check): "run again"
+    lock_lost: bool = False
 
     @property
     def ok(self) -> bool:

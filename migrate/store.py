@@ -30,7 +30,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemy
 from sqlalchemy.exc import NoSuchModuleError
 
 from .config import redact_url
-from .errors import ConfigError, JobLocked, SafetyError, StateError
+from .errors import ConfigError, JobLocked, JobLockLost, SafetyError, StateError
 from .states import State, sources_of
 
 SCHEMA_VERSION = 4
@@ -360,14 +360,18 @@ class Store:
         """Hold this job for one run, so that overlapping cron runs cannot both copy the
         same messages.  SQLite: an flock beside the database; PostgreSQL: a session-level
         advisory lock on a connection of its own, held for the run.  Either dies with
-        the process (even kill -9), so a crashed run never blocks the next one."""
+        the process (even kill -9), so a crashed run never blocks the next one.
+
+        Yields a ``JobLockHold``: the run asks its ``check()`` at batch boundaries and
+        right before deleting, because a PostgreSQL session can end while the process
+        lives on (terminated, a database restart, a network cut), and the lock with it."""
         if self.engine.dialect.name == "postgresql":
-            with self._pg_job_lock(job_name):
-                yield
+            with self._pg_job_lock(job_name) as hold:
+                yield hold
             return
         database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
         if not database or database == ":memory:":
-            yield
+            yield JobLockHold()
             return
         path = f"{database}.{job_name}.lock"
         try:
@@ -382,13 +386,11 @@ class Store:
                 raise _locked(job_name, holder) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, _holder_text().encode(), 0)
-            yield
+            yield JobLockHold()  # an flock lives as long as the process: nothing to check
         finally:
             os.close(fd)  # releases the flock
 
-    @contextlib.contextmanager
-    def _pg_job_lock(self, job_name: str):
-        key = _advisory_key(job_name)
+    def _job_lock_session(self):
         # Autocommit: the lock belongs to the session, and the connection must not sit
         # "idle in transaction" for the whole run.
         conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
@@ -396,25 +398,34 @@ class Store:
             # who holds it, for the message the loser prints
             conn.exec_driver_sql("SELECT set_config('application_name', %s, false)",
                                  (f"mailmigrate {_holder_text()}"[:63],))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextlib.contextmanager
+    def _pg_job_lock(self, job_name: str):
+        key = _advisory_key(job_name)
+        conn = self._job_lock_session()
+        hold = None
+        try:
             got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar()
             if not got:
-                holder = conn.exec_driver_sql(
-                    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
-                    "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-                    "AND l.database = (SELECT oid FROM pg_database "
-                    "WHERE datname = current_database()) "
-                    "AND l.classid::bigint = %s AND l.objid::bigint = %s LIMIT 1",
-                    (key >> 32, key & 0xFFFFFFFF)).scalar()
-                raise _locked(job_name, (holder or "").removeprefix("mailmigrate ").strip())
-            try:
-                yield
-            finally:
-                try:
-                    conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
-                except Exception:  # noqa: BLE001 - closing the session releases it too
-                    pass
+                raise _locked(job_name, _lock_holder(conn, key))
+            hold = _PgJobLockHold(self, key, conn)
+            yield hold
         finally:
+            conn = hold.conn if hold is not None else conn  # it may have been replaced
+            try:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
+            except Exception:  # noqa: BLE001 - closing the session releases it too
+                pass
             conn.close()
+
+    def _run_is_running(self, run_id: int) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(runs.c.outcome).where(runs.c.id == run_id)
+                                ).scalar() == "running"
 
     @property
     def safe_url(self) -> str:
@@ -1005,6 +1016,102 @@ def _locked(job_name: str, holder: str) -> JobLocked:
         f"job {job_name!r} is already running ({holder or 'another process'}); "
         "this run did nothing. If it is a cron job, let runs finish before the "
         "next starts (e.g. flock -n in the crontab)")
+
+
+def _lock_holder(conn, key: int) -> str:
+    """Who holds the job lock ``key`` right now ("pid N on HOST"), or ""."""
+    holder = conn.exec_driver_sql(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+        "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.database = (SELECT oid FROM pg_database "
+        "WHERE datname = current_database()) "
+        "AND l.classid::bigint = %s AND l.objid::bigint = %s LIMIT 1",
+        (key >> 32, key & 0xFFFFFFFF)).scalar()
+    return (holder or "").removeprefix("mailmigrate ").strip()
+
+
+class JobLockHold:
+    """A run's hold on its job's lock.  This one (SQLite's flock, or no lock at all)
+    cannot be lost while the process lives: ``check`` has nothing to do."""
+
+    def bind_run(self, run_id: int) -> None:
+        """The run record of the run holding the lock (see _PgJobLockHold.check)."""
+
+    def check(self) -> str | None:
+        """Still held?  None when it is; a note for the admin when it was lost and taken
+        again; raises JobLockLost when it is lost for good (the job must stop)."""
+        return None
+
+
+_LOCK_LOST = ("lost the job lock: the state database connection that held it ended{why}; "
+              "stopped so that no other run works on this mailbox at the same time; "
+              "run again")
+
+
+class _PgJobLockHold(JobLockHold):
+    """The PostgreSQL advisory lock: gone when its session ends.  ``check`` asks the
+    session (one round trip, on its own connection); a lost lock is taken again once
+    when nobody else has it and no other run started meanwhile (every run that takes
+    the lock marks the runs still "running" aborted first, so our run record tells);
+    anything else is JobLockLost, for good."""
+
+    def __init__(self, store: Store, key: int, conn):
+        self._store = store
+        self._key = key
+        self.conn = conn
+        self._mutex = threading.Lock()  # the job's threads share the one session
+        self._run_id: int | None = None
+        self._lost: str | None = None
+
+    def bind_run(self, run_id: int) -> None:
+        self._run_id = run_id
+
+    def check(self) -> str | None:
+        with self._mutex:
+            if self._lost is not None:
+                raise JobLockLost(self._lost)
+            try:
+                held = bool(self.conn.exec_driver_sql(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() "
+                    "AND locktype = 'advisory' AND granted AND classid::bigint = %s "
+                    "AND objid::bigint = %s)",
+                    (self._key >> 32, self._key & 0xFFFFFFFF)).scalar())
+            except SQLAlchemyError:  # the session ended (or is unusable): so did the lock
+                held = False
+            if held:
+                return None
+            try:
+                return self._take_again()
+            except JobLockLost as exc:
+                self._lost = str(exc)
+                raise
+
+    def _take_again(self) -> str:
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        try:
+            conn = self._store._job_lock_session()
+        except DBAPIError as exc:
+            raise JobLockLost(_LOCK_LOST.format(
+                why=f" and no new one could be opened ({exc.orig})")) from None
+        self.conn = conn  # released (or closed) when the run ends, like the first one
+        try:
+            got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(%s)",
+                                       (self._key,)).scalar()
+            holder = "" if got else _lock_holder(conn, self._key)
+            ours = self._run_id is None or self._store._run_is_running(self._run_id)
+        except DBAPIError as exc:
+            raise JobLockLost(_LOCK_LOST.format(
+                why=f" and taking it again failed ({exc.orig})")) from None
+        if not got:
+            raise JobLockLost(_LOCK_LOST.format(
+                why=f"; another run holds it now ({holder or 'another process'})"))
+        if not ours:
+            # held now, but another run had it in between and worked on this job
+            raise JobLockLost(_LOCK_LOST.format(
+                why="; another run took the job meanwhile"))
+        return ("the state database connection holding the job lock ended; the lock was "
+                "taken again (no other run had taken the job meanwhile)")
 
 
 def _advisory_key(job_name: str) -> int:

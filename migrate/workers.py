@@ -56,6 +56,11 @@ class MailboxBusy(Exception):
     """Another run holds the job's lock: tried again later."""
 
 
+class MailboxLockLost(MailboxBusy):
+    """The job stopped because it lost its lock (its database session ended; another
+    run may have the job now): tried again later, like a busy one."""
+
+
 class MailboxFailed(Exception):
     """The job ended with errors: retried ``[workers] retries`` times, then failed."""
 
@@ -155,6 +160,8 @@ def build_queue(config: Config, runtime: WorkerRuntime | None = None) -> Queue:
             runtime.on_result(result)
         if result.interrupted or not result.started:
             raise MailboxInterrupted(result.summary_line())
+        if result.lock_lost:  # not the mailbox's fault: no failure retry used up
+            raise MailboxLockLost("; ".join(result.error_lines()))
         if result.exit_code == EXIT_LOCKED:
             raise MailboxBusy("; ".join(result.error_lines()))
         if not result.ok or result.exit_code != EXIT_OK:
