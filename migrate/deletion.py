@@ -94,6 +94,7 @@ def delete_unit(runner: JobRunner, unit: SourceUnit, rows: Sequence[MessageRow])
     rows = [r for r in rows if r.state in DELETABLE]
     if not rows:
         return 0
+    faults.checkpoint("delete-unit")
     if not runner.holding_lock():  # lost: another run may be working on this mailbox
         return 0
     why = unit.refusal()

@@ -111,16 +111,17 @@ def test_lock_session_ended_mid_copy_is_taken_again(pg_url, old_account, new_acc
     assert outcomes(pg_url) == ["ok"]
 
 
-def test_another_run_worked_meanwhile_stops_without_deleting(pg_url, old_account,
+def test_another_run_took_the_job_before_deleting_stops_without_deleting(pg_url, old_account,
                                                              new_account, tmp_path):
-    """The lock session ends; another run takes the job, copies the rest and finishes
-    before this run looks again.  Taking the lock back would succeed, but the run record
-    shows the other run: this run stops with the error and deletes nothing (without the
-    check it would delete every original: delete_after_verify = true)."""
+    """Everything is copied and verified; right before the first deletion the lock
+    session ends, and another run takes the job and finishes before this run looks
+    again.  Taking the lock back would succeed, but the run record shows the other run:
+    this run stops with the error and deletes nothing (without the check it would
+    delete every original: delete_after_verify = true)."""
     bodies = fill_many(old_account, COUNT, seed=62)
     deleting = config_for(tmp_path, "a.toml", old_account, new_account, pg_url, delete=True)
     keeping = config_for(tmp_path, "b.toml", old_account, new_account, pg_url, delete=False)
-    run = Paused(tmp_path, "a", deleting, "batch-boundary:4")
+    run = Paused(tmp_path, "a", deleting, "delete-unit:1")
     try:
         run.wait_stopped()
         end_lock_session(pg_url, run.pid)
