@@ -30,12 +30,13 @@ class Paused:
     """A `mailmigrate run` that stops itself at a checkpoint; output goes to files (no
     pipe to fill while it stands still)."""
 
-    def __init__(self, tmp_path, name: str, config, pause_at: str):
-        self.out = open(tmp_path / f"{name}.out", "w+", encoding="utf-8")
-        self.err = open(tmp_path / f"{name}.err", "w+", encoding="utf-8")
+    def __init__(self, tmp_path, name: str, config, pause_at: str,
+                 command: tuple[str, ...] = ("run", "--no-progress")):
+        self.out = open(tmp_path / f"{name}.out", "w+", encoding="utf-8")  # noqa: SIM115
+        self.err = open(tmp_path / f"{name}.err", "w+", encoding="utf-8")  # noqa: SIM115
         env = {**os.environ, "MAILMIGRATE_PAUSE_AT": pause_at}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "migrate", "run", "-c", str(config), "--no-progress",
+            [sys.executable, "-m", "migrate", command[0], "-c", str(config), *command[1:],
              "--batch-messages", BATCH], stdout=self.out, stderr=self.err, env=env)
         self.pid = self.proc.pid
 
@@ -201,3 +202,41 @@ def test_sqlite_lock_cannot_be_lost(old_account, new_account, tmp_path):
             assert hold.check() is None
     finally:
         store.close()
+
+
+def test_a_worker_that_lost_the_lock_puts_the_job_back_into_the_queue(
+        pg_url, old_account, new_account, tmp_path):
+    """Workers run the same engine: a worker's job that lost its lock to another run stops
+    with the error and goes back into the queue (tried again later, like a job another
+    run holds) - not failed, although [workers] retries = 0 here."""
+    from tests.test_workers import _config, _enqueue, _queue, _upgrade
+
+    bodies = fill_many(old_account, COUNT, seed=65)
+    path = _config(tmp_path, [imap_job("alice", old_account, new_account,
+                                       delete_after_verify=True)], pg_url)
+    _upgrade(path)
+    _enqueue(path)
+    worker = Paused(tmp_path, "worker", path, "batch-boundary:4",
+                    command=("worker", "--until-empty"))
+    other = None
+    try:
+        worker.wait_stopped()
+        end_lock_session(pg_url, worker.pid)
+        other = Paused(tmp_path, "b", path, "batch-boundary:2")  # takes the job lock
+        other.wait_stopped()
+        code = worker.resume_and_finish()
+        out = worker.output()
+        assert code == 1, out
+        assert (f"lost the job lock: the state database connection that held it ended; "
+                f"another run holds it now (pid {other.pid} on ") in out
+        assert "Traceback" not in out
+        assert _queue(pg_url) == {"todo": 1}  # back into the queue, not failed
+        assert count_in(old_account) == COUNT  # the worker deleted nothing
+        assert other.resume_and_finish() == 0, other.output()
+    finally:
+        worker.close()
+        if other is not None:
+            other.close()
+    assert hashes_at(new_account) == hashes_of(bodies)
+    assert count_in(old_account) == 0
+    assert outcomes(pg_url) == ["failed", "ok"]
