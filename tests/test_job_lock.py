@@ -240,3 +240,32 @@ def test_a_worker_that_lost_the_lock_puts_the_job_back_into_the_queue(
     assert hashes_at(new_account) == hashes_of(bodies)
     assert count_in(old_account) == 0
     assert outcomes(pg_url) == ["failed", "ok"]
+
+
+def test_pop3_archive_that_lost_the_lock_deletes_nothing(pg_url, old_account, tmp_path):
+    """The same for a pop3-archive job (the same choke point): the lock session ends
+    right before its deletion and another run takes the job meanwhile; no DELE is sent,
+    and QUIT deletes nothing."""
+    from tests.test_pop3_archive import archive_files, hashes, pop_job
+
+    bodies = fill_many(old_account, 60, seed=66)
+    archive = tmp_path / "arch"
+    deleting = write_config(tmp_path / "a.toml", [pop_job(
+        old_account, archive, name="alice", delete_after_verify=True)], state_url=pg_url)
+    keeping = write_config(tmp_path / "b.toml", [pop_job(
+        old_account, archive, name="alice")], state_url=pg_url)
+    run = Paused(tmp_path, "a", deleting, "delete-unit:1")
+    try:
+        run.wait_stopped()
+        end_lock_session(pg_url, run.pid)
+        other = run_cli("run", "-c", str(keeping), "--no-progress")
+        assert other.returncode == 0, (other.stdout, other.stderr)
+        code = run.resume_and_finish()
+        out = run.output()
+    finally:
+        run.close()
+    assert code == 1, out
+    assert "lost the job lock" in out and "another run took the job meanwhile" in out
+    assert count_in(old_account) == 60  # nothing deleted
+    assert hashes(archive_files(archive)) == hashes_of(bodies)  # each archived once
+    assert outcomes(pg_url) == ["failed", "ok"]
