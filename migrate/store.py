@@ -407,15 +407,18 @@ class Store:
     def _pg_job_lock(self, job_name: str):
         key = _advisory_key(job_name)
         conn = self._job_lock_session()
-        hold = None
         try:
             got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar()
             if not got:
                 raise _locked(job_name, _lock_holder(conn, key))
-            hold = _PgJobLockHold(self, key, conn)
+        except BaseException:
+            conn.close()
+            raise
+        hold = _PgJobLockHold(self, key, conn)
+        try:
             yield hold
         finally:
-            conn = hold.conn if hold is not None else conn  # it may have been replaced
+            conn = hold.conn  # a new session if the lock was taken again
             try:
                 conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
             except Exception:  # noqa: BLE001 - closing the session releases it too
