@@ -164,7 +164,8 @@ class JobRunner:
 
     def stopping(self) -> bool:
         """Start no new batch, folder or deletion: the run was interrupted (SIGINT or
-        SIGTERM), or this job hit a stop condition (over quota, --max-errors)."""
+        SIGTERM), or this job hit a stop condition (over quota, --max-errors, its lock
+        lost)."""
         return self.options.stop.is_set() or self._halted is not None
 
     def holding_lock(self) -> bool:
