@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from migrate import imap_copy
 from migrate.report.text import size_text
 from migrate.states import State
 from migrate.store import Store
@@ -333,9 +334,11 @@ def test_folder_that_cannot_be_created_fails_alone(filled, old_account, new_acco
     assert recorded["outcome"] == "failed" and "cannot create folder" in recorded["error"]
 
 
-def test_large_message_is_streamed_through(old_account, new_account, config):
-    """A message larger than a batch goes source → destination in 1 MB partial FETCHes:
-    never whole in memory, hashed on the way, read back the same way."""
+def test_large_message_is_streamed_through(old_account, new_account, config, monkeypatch):
+    """A message larger than a batch goes source → destination in partial FETCHes (here
+    1 MB, one asked ahead): never whole in memory, hashed on the way, read back the same
+    way."""
+    monkeypatch.setattr(imap_copy, "STREAM_CHUNK", 1024 * 1024)  # 12 pieces, not 3
     body, mid = mailgen.make_message(random.Random(12), 1, size=12_000_000, attachment=True)
     msg = mailgen.TestMessage("INBOX.Archive", body, ("\\Seen", "$Label1"),
                               mailgen.realistic_mailbox(count=1)[0].date, mid)

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import re
 import ssl
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -867,8 +868,17 @@ class ImapSession:
     @_guard
     def fetch_part(self, uid: int, offset: int, length: int) -> bytes | None:
         """BODY.PEEK[]<offset.length> of one message (None if the message is gone)."""
+        return self._part_reply(uid, self._ask_part(uid, offset, length))
+
+    def _ask_part(self, uid: int, offset: int, length: int) -> bytes:
+        """Send a partial FETCH without waiting for it; its tag, for _part_reply."""
+        return self.client._imap._command("UID", "FETCH", str(uid),
+                                          f"(BODY.PEEK[]<{offset}.{length}>)")
+
+    def _part_reply(self, uid: int, tag: bytes) -> bytes | None:
+        """The answer to one _ask_part.  Answers come in the order asked, and this reads
+        only up to this tag's completion: a later FETCH's data stays on the socket."""
         imap = self.client._imap
-        tag = imap._command("UID", "FETCH", str(uid), f"(BODY.PEEK[]<{offset}.{length}>)")
         typ, data = imap._command_complete("FETCH", tag)
         self.client._checkok("fetch", typ, data)
         typ, data = imap._untagged_response(typ, data, "FETCH")
@@ -876,15 +886,42 @@ class ImapSession:
         self._pace(len(part or b""))
         return part
 
-    @_guard
-    def stream_body(self, uid: int, size: int, chunk: int) -> Iterator[bytes]:
+    def stream_body(self, uid: int, size: int, chunk: int, ahead: int = 1
+                    ) -> Iterator[bytes]:
         """The body of a message in pieces of ``chunk`` bytes (partial FETCH), so a
-        large message never sits in memory whole."""
-        for offset in range(0, size, chunk):
-            part = self.fetch_part(uid, offset, min(chunk, size - offset))
-            if part is None:
-                raise MessageError(f"message UID {uid} disappeared while being read")
-            yield part
+        large message never sits in memory whole.  ``ahead`` more FETCHes are already
+        sent while a piece is read and handed on, so the server prepares the next piece
+        instead of waiting a round trip; their data waits in the socket, not here."""
+        offsets = iter(range(0, size, chunk))
+        asked: deque[bytes] = deque()
+
+        @_guard
+        def ask(_self) -> None:
+            offset = next(offsets, None)
+            if offset is not None:
+                asked.append(self._ask_part(uid, offset, min(chunk, size - offset)))
+
+        @_guard
+        def reply(_self) -> bytes | None:
+            return self._part_reply(uid, asked.popleft())
+
+        try:
+            for _ in range(1 + ahead):
+                ask(self)
+            while asked:
+                part = reply(self)
+                if part is None:
+                    raise MessageError(f"message UID {uid} disappeared while being read")
+                ask(self)
+                yield part
+        finally:
+            # given up early (the reader stopped, or a piece was missing): read the
+            # answers still on their way, or the next command would get them
+            while asked and not self.dead:
+                try:
+                    reply(self)
+                except Exception:  # noqa: BLE001 - whatever it was, the session is unusable
+                    self.kill()
 
     def exact_size(self, uid: int, size: int) -> bool:
         """Does the body really have ``size`` bytes?  RFC822.SIZE is exact on most servers
