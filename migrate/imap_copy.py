@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -41,49 +41,6 @@ log = logging.getLogger("migrate.imap_copy")
 # partial FETCH size for messages larger than a batch: fewer round trips and fewer, larger
 # reads and writes; with one FETCH ahead a few chunks are in memory at once, not more
 STREAM_CHUNK = 4 * 1024 * 1024
-
-
-def read_ahead(pieces: Iterator[bytes], name: str) -> Iterator[bytes]:
-    """``pieces`` (a generator) produced by its own thread, one piece ahead of the
-    reader: reading a connection (TLS, and what the generator does, e.g. hashing)
-    overlaps with what the reader does (sending on another connection, hashing); both
-    release the GIL.  Memory: the queued piece, one being read, one being used.
-
-    Closing this early stops the producer at the next piece and waits for it, after it
-    closed ``pieces`` (which lets a stream read the answers still on their way), so the
-    connection is quiet again before anyone else uses it."""
-    handoff: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def produce() -> None:
-        end: tuple = ("end", None)
-        try:
-            with closing(pieces):
-                for piece in pieces:
-                    if stop.is_set():
-                        break
-                    handoff.put(("piece", piece))
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
-            end = ("error", exc)
-        handoff.put(end)
-
-    worker = threading.Thread(target=produce, name=name, daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, item = handoff.get()
-            if kind == "piece":
-                yield item
-            elif kind == "error":
-                raise item
-            else:
-                return
-    finally:
-        if worker.is_alive():
-            stop.set()
-            while handoff.get()[0] == "piece":  # unblock its put until it says it ended
-                pass
-        worker.join()
 
 
 def source_key(uidvalidity: int, uid: int) -> str:
@@ -801,8 +758,7 @@ class ImapCopy(JobRunner):
 
     def _stream_digest(self, session: ImapSession, uid: int, size: int) -> str:
         h = hashlib.sha256()
-        with closing(read_ahead(session.stream_body(uid, size, STREAM_CHUNK),
-                                f"mm-{self.job.name}-read")) as pieces:
+        with closing(session.stream_body(uid, size, STREAM_CHUNK)) as pieces:
             for piece in pieces:
                 h.update(piece)
         return h.hexdigest()
@@ -840,14 +796,12 @@ class ImapCopy(JobRunner):
         faults.checkpoint("after-intent")
         h = hashlib.sha256()
 
-        def hashed():
-            with closing(src.stream_body(row.source_uid, row.size, STREAM_CHUNK)) as body:
-                for piece in body:
-                    h.update(piece)
-                    yield piece
+        source = src.stream_body(row.source_uid, row.size, STREAM_CHUNK)
 
-        # read and hashed by another thread while the previous piece is being sent
-        source = read_ahead(hashed(), f"mm-{self.job.name}-read")
+        def pieces():
+            for piece in source:
+                h.update(piece)
+                yield piece
 
         uidnext_before = dsel.uidnext
         flags = self._to_send(ctx, meta.flags)
@@ -856,7 +810,7 @@ class ImapCopy(JobRunner):
             # the FETCH answers still on their way before it is used again
             with closing(source):
                 uid = dst.append_streamed(ctx.fr.plan.destination, flags, meta.internaldate,
-                                          row.size, source)
+                                          row.size, pieces())
         except MigrateError as exc:
             if dst.dead and not getattr(exc, "transient", False):
                 # the message itself is the problem; next attempt takes the other path
