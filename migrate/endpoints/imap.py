@@ -141,6 +141,40 @@ def parse_body_fetch(data: Sequence) -> dict[int, bytes]:
     return out
 
 
+_PART_RE = re.compile(rb"\bBODY\[\](?:<(\d+)>)? \{\d+\}$", re.IGNORECASE)
+
+
+def parse_part_fetch(data: Sequence, uid: int) -> dict[int | None, bytes]:
+    """Origin octet → piece of message ``uid``, from the raw untagged FETCH data of
+    partial ``BODY.PEEK[]<origin.length>`` fetches (key None: the answer did not say
+    its origin).  With several partial FETCHes on their way, a server may answer a later
+    one before the earlier one completes (Dovecot runs them in parallel), so a piece is
+    known by its origin, never by its place."""
+    out: dict[int | None, bytes] = {}
+    waiting: tuple[int | None, bytes] | None = None
+    for item in data:
+        if isinstance(item, tuple):
+            head, literal = item
+            m = _PART_RE.search(head)
+            if not m:
+                waiting = None
+                continue
+            origin = int(m.group(1)) if m.group(1) is not None else None
+            u = _UID_RE.search(head)
+            if u:
+                if int(u.group(1)) == uid:
+                    out[origin] = literal
+                waiting = None
+            else:
+                waiting = (origin, literal)
+        elif waiting is not None and isinstance(item, bytes):
+            u = _UID_RE.search(item)
+            if u and int(u.group(1)) == uid:
+                out[waiting[0]] = waiting[1]
+            waiting = None
+    return out
+
+
 _ESEARCH_ALL_RE = re.compile(rb"\bALL ([0-9:,]+)", re.IGNORECASE)
 
 
@@ -868,51 +902,68 @@ class ImapSession:
     @_guard
     def fetch_part(self, uid: int, offset: int, length: int) -> bytes | None:
         """BODY.PEEK[]<offset.length> of one message (None if the message is gone)."""
-        return self._part_reply(uid, self._ask_part(uid, offset, length))
+        data = self._part_reply(self._ask_part(uid, offset, length))
+        part = parse_body_fetch(data).get(uid)
+        self._pace(len(part or b""))
+        return part
 
     def _ask_part(self, uid: int, offset: int, length: int) -> bytes:
         """Send a partial FETCH without waiting for it; its tag, for _part_reply."""
         return self.client._imap._command("UID", "FETCH", str(uid),
                                           f"(BODY.PEEK[]<{offset}.{length}>)")
 
-    def _part_reply(self, uid: int, tag: bytes) -> bytes | None:
-        """The answer to one _ask_part.  Answers come in the order asked, and this reads
-        only up to this tag's completion: a later FETCH's data stays on the socket."""
+    def _part_reply(self, tag: bytes) -> list:
+        """The untagged FETCH data read up to this tag's completion (it may include
+        answers to FETCHes sent after it)."""
         imap = self.client._imap
         typ, data = imap._command_complete("FETCH", tag)
         self.client._checkok("fetch", typ, data)
         typ, data = imap._untagged_response(typ, data, "FETCH")
-        part = parse_body_fetch(data or ()).get(uid)
-        self._pace(len(part or b""))
-        return part
+        return data or []
 
     def stream_body(self, uid: int, size: int, chunk: int, ahead: int = 1
                     ) -> Iterator[bytes]:
         """The body of a message in pieces of ``chunk`` bytes (partial FETCH), so a
-        large message never sits in memory whole.  ``ahead`` more FETCHes are already
-        sent while a piece is read and handed on, so the server prepares the next piece
-        instead of waiting a round trip; their data waits in the socket, not here."""
+        large message never sits in memory whole.  Once the server's answers say their
+        origin, ``ahead`` more FETCHes are sent while a piece is handed on, so the server
+        prepares the next piece instead of waiting for a round trip; their data waits in
+        the socket or in ``arrived`` (at most ``ahead`` pieces)."""
         offsets = iter(range(0, size, chunk))
-        asked: deque[bytes] = deque()
+        asked: deque[tuple[bytes, int]] = deque()  # (tag, origin), oldest first
+        arrived: dict[int | None, bytes] = {}
 
         @_guard
-        def ask(_self) -> None:
+        def ask(_self) -> bool:
             offset = next(offsets, None)
-            if offset is not None:
-                asked.append(self._ask_part(uid, offset, min(chunk, size - offset)))
+            if offset is None:
+                return False
+            asked.append((self._ask_part(uid, offset, min(chunk, size - offset)), offset))
+            return True
 
         @_guard
-        def reply(_self) -> bytes | None:
-            return self._part_reply(uid, asked.popleft())
+        def reply(_self) -> tuple[bytes | None, bool]:
+            """The oldest asked piece, and whether the answer said its origin."""
+            tag, offset = asked.popleft()
+            arrived.update(parse_part_fetch(self._part_reply(tag), uid))
+            if offset in arrived:
+                return arrived.pop(offset), True
+            if asked:  # others on their way, and this answer did not say its origin
+                raise MessageError(f"{self.endpoint.host} answered partial FETCHes of "
+                                   f"message UID {uid} without their origin")
+            return arrived.pop(None, None), False
 
         try:
-            for _ in range(1 + ahead):
-                ask(self)
+            ask(self)
+            depth = 1  # one at a time until an answer shows its origin
             while asked:
-                part = reply(self)
+                part, said_origin = reply(self)
                 if part is None:
                     raise MessageError(f"message UID {uid} disappeared while being read")
-                ask(self)
+                self._pace(len(part))
+                if said_origin:
+                    depth = 1 + ahead
+                while len(asked) < depth and ask(self):
+                    pass
                 yield part
         finally:
             # given up early (the reader stopped, or a piece was missing): read the
