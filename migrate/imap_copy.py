@@ -19,6 +19,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from . import deletion, faults
@@ -37,7 +38,9 @@ from .store import MessageRow, flags_to_text
 log = logging.getLogger("migrate.imap_copy")
 
 
-STREAM_CHUNK = 1024 * 1024  # partial FETCH size for messages larger than a batch
+# partial FETCH size for messages larger than a batch: fewer round trips and fewer, larger
+# reads and writes; with one FETCH ahead a few chunks are in memory at once, not more
+STREAM_CHUNK = 4 * 1024 * 1024
 
 
 def source_key(uidvalidity: int, uid: int) -> str:
@@ -758,8 +761,9 @@ class ImapCopy(JobRunner):
 
     def _stream_digest(self, session: ImapSession, uid: int, size: int) -> str:
         h = hashlib.sha256()
-        for piece in session.stream_body(uid, size, STREAM_CHUNK):
-            h.update(piece)
+        with closing(session.stream_body(uid, size, STREAM_CHUNK)) as pieces:
+            for piece in pieces:
+                h.update(piece)
         return h.hexdigest()
 
     def _copy_large(self, ctx: _FolderCopy, row: MessageRow) -> None:
@@ -795,16 +799,21 @@ class ImapCopy(JobRunner):
         faults.checkpoint("after-intent")
         h = hashlib.sha256()
 
+        source = src.stream_body(row.source_uid, row.size, STREAM_CHUNK)
+
         def pieces():
-            for piece in src.stream_body(row.source_uid, row.size, STREAM_CHUNK):
+            for piece in source:
                 h.update(piece)
                 yield piece
 
         uidnext_before = dsel.uidnext
         flags = self._to_send(ctx, meta.flags)
         try:
-            uid = dst.append_streamed(ctx.fr.plan.destination, flags, meta.internaldate,
-                                      row.size, pieces())
+            # closed right away if the APPEND gives up, so the source connection reads
+            # the FETCH answers still on their way before it is used again
+            with closing(source):
+                uid = dst.append_streamed(ctx.fr.plan.destination, flags, meta.internaldate,
+                                          row.size, pieces())
         except MigrateError as exc:
             if dst.dead and not getattr(exc, "transient", False):
                 # the message itself is the problem; next attempt takes the other path

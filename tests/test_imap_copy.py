@@ -8,6 +8,9 @@ import re
 
 import pytest
 
+from migrate import config as cfg
+from migrate import imap_copy
+from migrate.endpoints.imap import ImapSession
 from migrate.report.text import size_text
 from migrate.states import State
 from migrate.store import Store
@@ -333,9 +336,11 @@ def test_folder_that_cannot_be_created_fails_alone(filled, old_account, new_acco
     assert recorded["outcome"] == "failed" and "cannot create folder" in recorded["error"]
 
 
-def test_large_message_is_streamed_through(old_account, new_account, config):
-    """A message larger than a batch goes source → destination in 1 MB partial FETCHes:
-    never whole in memory, hashed on the way, read back the same way."""
+def test_large_message_is_streamed_through(old_account, new_account, config, monkeypatch):
+    """A message larger than a batch goes source → destination in partial FETCHes (here
+    1 MB, one asked ahead): never whole in memory, hashed on the way, read back the same
+    way."""
+    monkeypatch.setattr(imap_copy, "STREAM_CHUNK", 1024 * 1024)  # 12 pieces, not 3
     body, mid = mailgen.make_message(random.Random(12), 1, size=12_000_000, attachment=True)
     msg = mailgen.TestMessage("INBOX.Archive", body, ("\\Seen", "$Label1"),
                               mailgen.realistic_mailbox(count=1)[0].date, mid)
@@ -352,6 +357,30 @@ def test_large_message_is_streamed_through(old_account, new_account, config):
         (path.parent / f"mailmigrate.db{suffix}").unlink(missing_ok=True)
     again = run(path)
     assert again.ok and again.counts["skipped"] == 7 and again.counts.get("copied", 0) == 0
+
+
+def test_stream_given_up_early_leaves_the_connection_in_step(old_account):
+    """stream_body asks for the next pieces before handing one on; a reader that stops
+    early (an APPEND that failed) must not leave their answers for the next command."""
+    body, _ = mailgen.make_message(random.Random(14), 1, size=300_000, attachment=True)
+    client = mailgen.connect(old_account)
+    client.append("INBOX", body)
+    client.logout()
+    raw = {"name": "s", "kind": "imap-copy", "source": old_account.endpoint_toml("imap"),
+           "destination": old_account.endpoint_toml("imap")}
+    endpoint = cfg.parse({"jobs": [raw]}, base_dir=old_account.server.base).jobs[0].source
+    session = ImapSession.connect(endpoint)
+    try:
+        session.select("INBOX", readonly=True)
+        pieces = session.stream_body(1, len(body), 50_000, ahead=3)
+        assert next(pieces) == body[:50_000]
+        pieces.close()  # three more FETCHes were on their way
+        assert not session.dead
+        assert session.fetch_part(1, 100_000, 7) == body[100_000:100_007]
+        assert b"".join(session.stream_body(1, len(body), 64_000, ahead=2)) == body
+        assert list(session.stream_body(1, len(body), 1 << 20)) == [body]  # one piece
+    finally:
+        session.logout()
 
 
 def test_overlapping_run_of_the_same_job_does_nothing(filled, old_account, new_account,

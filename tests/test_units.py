@@ -114,6 +114,19 @@ def test_parse_body_fetch_finds_uid_before_or_after_the_literal():
     assert parse_body_fetch(data) == {10: b"abc", 11: b"xy"}
 
 
+def test_parse_part_fetch_knows_pieces_by_origin_not_by_place():
+    from migrate.endpoints.imap import parse_part_fetch
+
+    data = [
+        (b"1 (UID 10 BODY[]<4> {3}", b"efg"), b")",  # a later FETCH answered first
+        (b"1 (BODY[]<0> {4}", b"abcd"), b" UID 10)",
+        (b"2 (UID 11 BODY[]<0> {2}", b"xy"), b")",  # another message: not ours
+        b"1 (FLAGS (\\Seen) UID 10)",
+        (b"1 (UID 10 BODY[] {2}", b"no"), b")",  # no origin said
+    ]
+    assert parse_part_fetch(data, 10) == {4: b"efg", 0: b"abcd", None: b"no"}
+
+
 @pytest.mark.parametrize("buffer_size", [1, 2, 3, 5, 7, 64, 4096])
 def test_pop3_multiline_reader_unstuffs_across_block_boundaries(buffer_size):
     import io

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import re
 import ssl
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -136,6 +137,40 @@ def parse_body_fetch(data: Sequence) -> dict[int, bytes]:
             m = _UID_RE.search(item)
             if m:
                 out[int(m.group(1))] = waiting
+            waiting = None
+    return out
+
+
+_PART_RE = re.compile(rb"\bBODY\[\](?:<(\d+)>)? \{\d+\}$", re.IGNORECASE)
+
+
+def parse_part_fetch(data: Sequence, uid: int) -> dict[int | None, bytes]:
+    """Origin octet → piece of message ``uid``, from the raw untagged FETCH data of
+    partial ``BODY.PEEK[]<origin.length>`` fetches (key None: the answer did not say
+    its origin).  With several partial FETCHes on their way, a server may answer a later
+    one before the earlier one completes (Dovecot runs them in parallel), so a piece is
+    known by its origin, never by its place."""
+    out: dict[int | None, bytes] = {}
+    waiting: tuple[int | None, bytes] | None = None
+    for item in data:
+        if isinstance(item, tuple):
+            head, literal = item
+            m = _PART_RE.search(head)
+            if not m:
+                waiting = None
+                continue
+            origin = int(m.group(1)) if m.group(1) is not None else None
+            u = _UID_RE.search(head)
+            if u:
+                if int(u.group(1)) == uid:
+                    out[origin] = literal
+                waiting = None
+            else:
+                waiting = (origin, literal)
+        elif waiting is not None and isinstance(item, bytes):
+            u = _UID_RE.search(item)
+            if u and int(u.group(1)) == uid:
+                out[waiting[0]] = waiting[1]
             waiting = None
     return out
 
@@ -867,24 +902,77 @@ class ImapSession:
     @_guard
     def fetch_part(self, uid: int, offset: int, length: int) -> bytes | None:
         """BODY.PEEK[]<offset.length> of one message (None if the message is gone)."""
-        imap = self.client._imap
-        tag = imap._command("UID", "FETCH", str(uid), f"(BODY.PEEK[]<{offset}.{length}>)")
-        typ, data = imap._command_complete("FETCH", tag)
-        self.client._checkok("fetch", typ, data)
-        typ, data = imap._untagged_response(typ, data, "FETCH")
-        part = parse_body_fetch(data or ()).get(uid)
+        data = self._part_reply(self._ask_part(uid, offset, length))
+        part = parse_body_fetch(data).get(uid)
         self._pace(len(part or b""))
         return part
 
-    @_guard
-    def stream_body(self, uid: int, size: int, chunk: int) -> Iterator[bytes]:
+    def _ask_part(self, uid: int, offset: int, length: int) -> bytes:
+        """Send a partial FETCH without waiting for it; its tag, for _part_reply."""
+        return self.client._imap._command("UID", "FETCH", str(uid),
+                                          f"(BODY.PEEK[]<{offset}.{length}>)")
+
+    def _part_reply(self, tag: bytes) -> list:
+        """The untagged FETCH data read up to this tag's completion (it may include
+        answers to FETCHes sent after it)."""
+        imap = self.client._imap
+        typ, data = imap._command_complete("FETCH", tag)
+        self.client._checkok("fetch", typ, data)
+        typ, data = imap._untagged_response(typ, data, "FETCH")
+        return data or []
+
+    def stream_body(self, uid: int, size: int, chunk: int, ahead: int = 1
+                    ) -> Iterator[bytes]:
         """The body of a message in pieces of ``chunk`` bytes (partial FETCH), so a
-        large message never sits in memory whole."""
-        for offset in range(0, size, chunk):
-            part = self.fetch_part(uid, offset, min(chunk, size - offset))
-            if part is None:
-                raise MessageError(f"message UID {uid} disappeared while being read")
-            yield part
+        large message never sits in memory whole.  Once the server's answers say their
+        origin, ``ahead`` more FETCHes are sent while a piece is handed on, so the server
+        prepares the next piece instead of waiting for a round trip; their data waits in
+        the socket or in ``arrived`` (at most ``ahead`` pieces)."""
+        offsets = iter(range(0, size, chunk))
+        asked: deque[tuple[bytes, int]] = deque()  # (tag, origin), oldest first
+        arrived: dict[int | None, bytes] = {}
+
+        @_guard
+        def ask(_self) -> bool:
+            offset = next(offsets, None)
+            if offset is None:
+                return False
+            asked.append((self._ask_part(uid, offset, min(chunk, size - offset)), offset))
+            return True
+
+        @_guard
+        def reply(_self) -> tuple[bytes | None, bool]:
+            """The oldest asked piece, and whether the answer said its origin."""
+            tag, offset = asked.popleft()
+            arrived.update(parse_part_fetch(self._part_reply(tag), uid))
+            if offset in arrived:
+                return arrived.pop(offset), True
+            if asked:  # others on their way, and this answer did not say its origin
+                raise MessageError(f"{self.endpoint.host} answered partial FETCHes of "
+                                   f"message UID {uid} without their origin")
+            return arrived.pop(None, None), False
+
+        try:
+            ask(self)
+            depth = 1  # one at a time until an answer shows its origin
+            while asked:
+                part, said_origin = reply(self)
+                if part is None:
+                    raise MessageError(f"message UID {uid} disappeared while being read")
+                self._pace(len(part))
+                if said_origin:
+                    depth = 1 + ahead
+                while len(asked) < depth and ask(self):
+                    pass
+                yield part
+        finally:
+            # given up early (the reader stopped, or a piece was missing): read the
+            # answers still on their way, or the next command would get them
+            while asked and not self.dead:
+                try:
+                    reply(self)
+                except Exception:  # noqa: BLE001 - whatever it was, the session is unusable
+                    self.kill()
 
     def exact_size(self, uid: int, size: int) -> bool:
         """Does the body really have ``size`` bytes?  RFC822.SIZE is exact on most servers
