@@ -8,11 +8,10 @@ import collections
 import hashlib
 import random
 
-from migrate import imap_copy
-from migrate.endpoints.imap import ImapSession
 from tests.rig import mailgen
 from tests.rig.courier import courier_account, courier_host  # noqa: F401
 from tests.rig.jobs import imap_job, run, write_config
+from tests.rig.streaming import large_messages_stream_through
 
 
 def content(listing):
@@ -114,30 +113,6 @@ def test_pop3_archive_8bit_headers_from_courier(courier_account, tmp_path):
 
 
 def test_large_messages_stream_to_and_from_courier(old_account, courier_account, new_account,
-                                                  tmp_path, monkeypatch):
-    """Messages larger than a batch travel in partial FETCHes (several on their way once
-    the server's answers say their origin) and a streamed APPEND, both ways; every copy
-    is read back the same way and compared."""
-    monkeypatch.setattr(imap_copy, "STREAM_CHUNK", 64 * 1024)  # 7-10 pieces a message
-    streamed = []
-    append_streamed = ImapSession.append_streamed
-    monkeypatch.setattr(ImapSession, "append_streamed", lambda self, *args: (
-        streamed.append(self.endpoint.host), append_streamed(self, *args))[1])
-    rng = random.Random(26)
-    date = mailgen.realistic_mailbox(count=1)[0].date
-    msgs = []
-    for i in range(3):
-        body, mid = mailgen.make_message(rng, i, size=450_000 + 80_000 * i, attachment=True)
-        msgs.append(mailgen.TestMessage("INBOX", body, ("\\Seen", "$Label1"), date, mid))
-    mailgen.fill(old_account, msgs)
-    hops = ((old_account, courier_account), (courier_account, new_account))
-    for n, (source, destination) in enumerate(hops):
-        path = write_config(tmp_path / f"c{n}.toml", [imap_job(f"large{n}", source,
-                                                                  destination)])
-        result = run(path, batch_bytes=100_000)
-        assert result.ok, result.errors
-        assert result.counts["copied"] == len(msgs)
-    assert len(streamed) == 2 * len(msgs)
-    inbox = content(mailgen.snapshot(old_account))["INBOX"]
-    assert content(mailgen.snapshot(courier_account))["INBOX"] == inbox
-    assert content(mailgen.snapshot(new_account))["INBOX"] == inbox
+        tmp_path, monkeypatch):
+    large_messages_stream_through(courier_account, old_account, new_account, tmp_path,
+                                  monkeypatch)
