@@ -67,7 +67,6 @@ class ConnectionLimits:
         with self._cond:
             for key in keys:  # a server no job of the run named (a direct caller): no limit
                 self.sizes.setdefault(key, 1 << 30)
-                self._free.setdefault(key, 1 << 30)
                 self.peak.setdefault(key, 0)
             while True:
                 if stop.is_set():
@@ -76,12 +75,24 @@ class ConnectionLimits:
                     offered = instead()
                     if offered is not None:
                         return offered
-                if all(self._free[k] >= keys.count(k) for k in keys):
-                    for k in keys:
-                        self._free[k] -= 1
-                        self.peak[k] = max(self.peak[k], self.sizes[k] - self._free[k])
+                if self._try_take(keys):
                     return None
-                self._cond.wait(_STOP_POLL)
+                self._cond.wait(self._poll)
+
+    # how long a waiter sleeps before it looks again without being woken
+    _poll = _STOP_POLL
+
+    def _try_take(self, keys: list[tuple[str, int]]) -> bool:
+        """One free slot per key (two for a key named twice), all or none; with the
+        condition held."""
+        for key in keys:
+            self._free.setdefault(key, 1 << 30)
+        if not all(self._free[k] >= keys.count(k) for k in keys):
+            return False
+        for k in keys:
+            self._free[k] -= 1
+            self.peak[k] = max(self.peak[k], self.sizes[k] - self._free[k])
+        return True
 
     def give_back(self, endpoints: Sequence[Endpoint]) -> None:
         """Release the slots of closed connections."""
@@ -137,35 +148,24 @@ class SharedConnectionLimits(ConnectionLimits):
         thread.start()
         return thread
 
-    def take(self, endpoints: Sequence[Endpoint], stop: threading.Event,
-             instead: Callable[[], T | None] | None = None) -> T | None:
+    _poll = _SHARED_POLL  # a slot another process gives back wakes nobody here
+
+    def _try_take(self, keys: list[tuple[str, int]]) -> bool:
         from .store import SlotsLost
 
-        keys = [server_key(e) for e in endpoints]
-        with self._cond:
-            for key in keys:
-                self.sizes.setdefault(key, 1 << 30)
-                self.peak.setdefault(key, 0)
-            while True:
-                if stop.is_set():
-                    raise SlotWaitStopped("stopped while waiting for a free connection")
-                if instead is not None:
-                    offered = instead()
-                    if offered is not None:
-                        return offered
-                try:
-                    taken = self._try_take_all(keys)
-                except SlotsLost as exc:
-                    if self._on_lost is None:
-                        raise
-                    self._on_lost(exc)
-                    raise SlotWaitStopped("stopped: the connection slots were lost") from None
-                if taken is not None:
-                    for key, slot in taken:
-                        self._held.setdefault(key, []).append(slot)
-                        self.peak[key] = max(self.peak[key], len(self._held[key]))
-                    return None
-                self._cond.wait(_SHARED_POLL)
+        try:
+            taken = self._try_take_all(keys)
+        except SlotsLost as exc:
+            if self._on_lost is None:
+                raise
+            self._on_lost(exc)
+            raise SlotWaitStopped("stopped: the connection slots were lost") from None
+        if taken is None:
+            return False
+        for key, slot in taken:
+            self._held.setdefault(key, []).append(slot)
+            self.peak[key] = max(self.peak[key], len(self._held[key]))
+        return True
 
     def _try_take_all(self, keys: list[tuple[str, int]]
                       ) -> list[tuple[tuple[str, int], int]] | None:
