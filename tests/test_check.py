@@ -69,6 +69,14 @@ def state_url(tmp_path) -> str:
 
 # --- a healthy job, read-only ---------------------------------------------------------
 
+
+def source_config(tmp_path, name: str, source: dict, new_account):
+    """A config with one imap-copy job from ``source`` (an endpoint table, often altered
+    to provoke a diagnosis) to ``new_account``."""
+    return write_config(tmp_path / "c.toml", [{
+        "name": name, "kind": "imap-copy", "source": source,
+        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+
 def test_check_passes_and_changes_nothing(old_account, new_account, tmp_path):
     """A job that ran once, then got two more messages: every step passes, the sizes
     left to copy count only the new ones, and neither server nor the state database
@@ -158,9 +166,7 @@ def test_certificate_for_other_names_named_in_check_and_run(misnamed_host, new_a
 def test_untrusted_chain_suggests_ca_file(old_account, new_account, tmp_path):
     source = old_account.endpoint_toml("imap")
     del source["ca_file"]
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "noca", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "noca", source, new_account)
     proc, doc = check_json(config)
     assert proc.returncode == 1
     chain = checks_of(doc, "source")["certificate chain"]
@@ -174,9 +180,7 @@ def test_plaintext_port_gets_the_advice(old_account, new_account, tmp_path):
     """security = "none" (allowed): a warning with the advice to use 993/995 or
     STARTTLS; a run can still go ahead (exit 0)."""
     source = old_account.endpoint_toml("imap", security="none", allow_insecure=True)
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "plain", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "plain", source, new_account)
     proc = check(config)
     assert proc.returncode == 0, proc.stdout
     assert "! encryption: security = \"none\"" in proc.stdout
@@ -189,9 +193,7 @@ def test_plaintext_port_gets_the_advice(old_account, new_account, tmp_path):
 def test_tls_client_on_plaintext_port(old_account, new_account, tmp_path):
     source = old_account.endpoint_toml("imap")
     source["port"] = old_account.server.ports["imap"]  # the plaintext port, ssl kept
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "mixup", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "mixup", source, new_account)
     proc, doc = check_json(config)
     assert proc.returncode == 1
     greeting = checks_of(doc, "source")["greeting"]
@@ -203,9 +205,7 @@ def test_tls_client_on_plaintext_port(old_account, new_account, tmp_path):
 def test_plaintext_client_on_tls_port(old_account, new_account, tmp_path):
     source = old_account.endpoint_toml("imap", security="starttls", timeout=2)
     source["port"] = old_account.server.ports["imaps"]  # the TLS port, spoken to plainly
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "mixup", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "mixup", source, new_account)
     proc, doc = check_json(config)
     assert proc.returncode == 1
     greeting = checks_of(doc, "source")["greeting"]
@@ -223,9 +223,7 @@ def test_closed_port(old_account, new_account, tmp_path):
     closed = closed_port()
     source = old_account.endpoint_toml("imap")
     source["port"] = closed
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "closed", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "closed", source, new_account)
     proc, doc = check_json(config)
     assert proc.returncode == 1
     tcp = checks_of(doc, "source")["tcp"]
@@ -237,9 +235,7 @@ def test_closed_plaintext_port_gets_the_advice(old_account, new_account, tmp_pat
     monkeypatch.setattr(check_mod, "SCAN_PORTS", {})  # only the configured port
     source = old_account.endpoint_toml("imap", security="starttls")
     source["port"] = closed_port()
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "plainclosed", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "plainclosed", source, new_account)
     cfg = config_mod.load(config)
     (report,) = check_mod.check_jobs(cfg, cfg.jobs)
     tcp = {c.name: c for c in report.endpoints[0].checks}["tcp"]
@@ -250,9 +246,7 @@ def test_closed_plaintext_port_gets_the_advice(old_account, new_account, tmp_pat
 
 def test_starttls_endpoint_passes(old_account, new_account, tmp_path):
     source = old_account.endpoint_toml("imap", security="starttls")
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "starttls", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "starttls", source, new_account)
     proc, doc = check_json(config)
     assert proc.returncode == 0, proc.stdout
     checks = checks_of(doc, "source")
@@ -272,9 +266,7 @@ def test_port_scan_says_what_answers_where(old_account, new_account, tmp_path,
         ports["pop3"]: False, closed_port(): True})
     source = old_account.endpoint_toml("imap")
     source["port"] = closed_port()
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "scan", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "scan", source, new_account)
     (report,) = check_mod.check_jobs(config_mod.load(config), config_mod.load(config).jobs)
     checks = {c.name: c for c in report.endpoints[0].checks}
     scan = checks["ports"].detail
@@ -297,9 +289,7 @@ def test_certificate_about_to_expire_is_a_warning(test_ca, new_account, tmp_path
                        + dt.timedelta(days=5, hours=12)).configure_cert(ctx)
     fake = FakeImapServer(ssl_context=ctx, ca_pem=test_ca.cert_pem.bytes())
     try:
-        config = write_config(tmp_path / "c.toml", [{
-            "name": "expiring", "kind": "imap-copy", "source": fake.job_endpoint(),
-            "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+        config = source_config(tmp_path, "expiring", fake.job_endpoint(), new_account)
         proc, doc = check_json(config)
     finally:
         fake.close()
@@ -316,9 +306,7 @@ def test_certificate_about_to_expire_is_a_warning(test_ca, new_account, tmp_path
 def test_wrong_password(old_account, new_account, tmp_path):
     source = old_account.endpoint_toml("imap")
     source["password"] = "not-" + old_account.password
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "wrongpw", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "wrongpw", source, new_account)
     proc = check(config)
     assert proc.returncode == 1
     assert "✗ login: IMAP login as " in proc.stdout
@@ -332,9 +320,7 @@ def test_short_username(old_account, new_account, tmp_path):
     short = old_account.username.split("@")[0]
     source = old_account.endpoint_toml("imap", allow_short_username=True)
     source["username"] = short
-    config = write_config(tmp_path / "c.toml", [{
-        "name": "short", "kind": "imap-copy", "source": source,
-        "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+    config = source_config(tmp_path, "short", source, new_account)
     proc, doc = check_json(config)
     assert proc.returncode == 1
     login = checks_of(doc, "source")["login"]
@@ -351,9 +337,7 @@ def test_admin_login_as_configured(test_ca, new_account, tmp_path):
         source = user.endpoint_toml("imap", auth="admin", admin_user="root@admin.test",
                                     admin_password_env="MM_CHECK_ADMIN")
         del source["password"]
-        config = write_config(tmp_path / "c.toml", [{
-            "name": "admin", "kind": "imap-copy", "source": source,
-            "destination": new_account.endpoint_toml("imap")}], state_url(tmp_path))
+        config = source_config(tmp_path, "admin", source, new_account)
         proc = check(config, env={"MM_CHECK_ADMIN": "admin-secret"})
         assert proc.returncode == 0, proc.stdout
         assert (f"✓ login: logged in as {user.username} (as admin root@admin.test) (admin "
