@@ -77,6 +77,21 @@ def end_lock_session(pg_url: str, pid: int) -> None:
     assert ended == [True]
 
 
+def another_run_takes_over(tmp_path, pg_url, deleting, keeping) -> tuple[int, str]:
+    """``deleting`` pauses right before its first deletion, loses its lock session, and
+    a run of ``keeping`` does the whole job meanwhile; then ``deleting`` goes on.  Its
+    exit code and output."""
+    run = Paused(tmp_path, "a", deleting, "delete-unit:1")
+    try:
+        run.wait_stopped()
+        end_lock_session(pg_url, run.pid)
+        other = run_cli("run", "-c", str(keeping), "--no-progress")
+        assert other.returncode == 0, (other.stdout, other.stderr)
+        return run.resume_and_finish(), run.output()
+    finally:
+        run.close()
+
+
 def outcomes(url: str) -> list[str]:
     store = Store(url)
     try:
@@ -122,16 +137,7 @@ def test_another_run_took_the_job_before_deleting_stops_without_deleting(pg_url,
     bodies = fill_many(old_account, COUNT, seed=62)
     deleting = config_for(tmp_path, "a.toml", old_account, new_account, pg_url, delete=True)
     keeping = config_for(tmp_path, "b.toml", old_account, new_account, pg_url, delete=False)
-    run = Paused(tmp_path, "a", deleting, "delete-unit:1")
-    try:
-        run.wait_stopped()
-        end_lock_session(pg_url, run.pid)
-        other = run_cli("run", "-c", str(keeping), "--no-progress")
-        assert other.returncode == 0, (other.stdout, other.stderr)
-        code = run.resume_and_finish()
-        out = run.output()
-    finally:
-        run.close()
+    code, out = another_run_takes_over(tmp_path, pg_url, deleting, keeping)
     assert code == 1, out
     assert ("lost the job lock: the state database connection that held it ended; "
             "another run took the job meanwhile; stopped so that no other run works on "
@@ -254,16 +260,7 @@ def test_pop3_archive_that_lost_the_lock_deletes_nothing(pg_url, old_account, tm
         old_account, archive, name="alice", delete_after_verify=True)], state_url=pg_url)
     keeping = write_config(tmp_path / "b.toml", [pop_job(
         old_account, archive, name="alice")], state_url=pg_url)
-    run = Paused(tmp_path, "a", deleting, "delete-unit:1")
-    try:
-        run.wait_stopped()
-        end_lock_session(pg_url, run.pid)
-        other = run_cli("run", "-c", str(keeping), "--no-progress")
-        assert other.returncode == 0, (other.stdout, other.stderr)
-        code = run.resume_and_finish()
-        out = run.output()
-    finally:
-        run.close()
+    code, out = another_run_takes_over(tmp_path, pg_url, deleting, keeping)
     assert code == 1, out
     assert "lost the job lock" in out and "another run took the job meanwhile" in out
     assert count_in(old_account) == 60  # nothing deleted
